@@ -1,0 +1,24 @@
+"""moerge: recycle fine-tuned expert models by merging, routing and evaluating them.
+
+The top-level functions are imported lazily so that ``import moerge`` (and the
+CLI's ``--help``) stay fast; torch is only imported when a merge runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "diff", "inspect", "merge", "methods", "load_recipe"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("merge", "inspect", "diff", "methods"):
+        from moerge import api
+
+        return getattr(api, name)
+    if name == "load_recipe":
+        from moerge.recipe import load_recipe
+
+        return load_recipe
+    raise AttributeError(f"module 'moerge' has no attribute {name!r}")

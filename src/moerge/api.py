@@ -1,0 +1,224 @@
+"""The Python entry points; the CLI is a thin layer over these.
+
+>>> import moerge
+>>> moerge.merge("recipe.yaml", "./merged")          # doctest: +SKIP
+>>> moerge.inspect("./merged")                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from moerge import __version__
+from moerge.recipe import LoadedRecipe, Recipe, load_recipe
+
+
+@dataclass
+class MergeResult:
+    """What a merge did: where it wrote, what it planned, how long it took."""
+
+    output: Path | None
+    summary: dict[str, Any]
+    seconds: float
+    notes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def merge(
+    recipe: str | os.PathLike[str] | dict[str, Any] | Recipe,
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    shard_size: str | int = "5GB",
+    device: str | None = "cpu",
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> MergeResult:
+    """Merge the models of ``recipe`` into ``out_dir`` (a Hugging Face model directory).
+
+    ``recipe`` is a YAML path, YAML text, a dict or a :class:`Recipe`, in moerge's
+    or mergekit's format. The output appears atomically; an existing ``out_dir``
+    is replaced only with ``force``. ``progress(tensor_name, done, total)`` is
+    called after each tensor. With ``dry_run`` everything is validated and
+    planned, and nothing is written.
+    """
+    from moerge.execute import execute
+    from moerge.io.sidefiles import CONFIG_SIDE_FILES, model_card, output_config, tokenizer_files
+    from moerge.io.writer import ModelWriter, parse_size
+    from moerge.plan import LAYER_COUNT_KEYS, check_disk_space, make_plan
+
+    t0 = time.perf_counter()
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+    plan = make_plan(loaded, allow_pickle=allow_pickle)
+    out = Path(out_dir)
+    size = parse_size(shard_size)
+    if dry_run:
+        return MergeResult(None, plan.summary(), time.perf_counter() - t0, warnings=plan.warnings)
+    if out.exists() and not force:
+        from moerge.errors import OutputError
+
+        raise OutputError(f"{out} already exists", hint="pass --force to replace it")
+    check_disk_space(plan, out)
+    tensors = [(i.name, i.dtype, i.shape) for i in plan.items]
+    total = len(tensors)
+    done = [0]
+
+    def on_tensor(item: Any, k: int) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(item.name, done[0], total)
+
+    with ModelWriter(out, tensors, shard_size=size, force=force,
+                     metadata={"format": "pt", "moerge_version": __version__}) as writer:
+        stats = execute(plan, writer, device=device, allow_nonfinite=allow_nonfinite, progress=on_tensor)
+        cfg_ckpt = plan.checkpoints[plan.config_source]
+        out_dtype = plan.recipe.output_dtype or _main_dtype(plan)
+        cfg = output_config(cfg_ckpt.config, out_dtype,
+                            plan.num_layers_out if plan.recipe.slices else None, LAYER_COUNT_KEYS)
+        if cfg is not None:
+            import json
+
+            writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
+        for name in CONFIG_SIDE_FILES:
+            if (cfg_ckpt.root / name).is_file():
+                writer.copy_file(cfg_ckpt.root / name)
+        for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source].root):
+            writer.copy_file(f)
+        recipe_text = loaded.text or _dump_recipe(plan.recipe)
+        writer.write_text("moerge_recipe.yaml", recipe_text)
+        notes = {k: v for k, v in stats.notes.items()}
+        if "lerp_fallback" in notes:
+            notes["lerp_fallback"] = (f"{notes['lerp_fallback']} of {total} tensors were nearly colinear "
+                                      "and linearly interpolated")
+        base_ref = plan.checkpoints[plan.base_index].ref if plan.base_index is not None else None
+        writer.write_text("README.md", model_card(
+            method=plan.method, recipe_text=recipe_text, conventions=plan.recipe.conventions,
+            inputs=[c.ref for c in plan.checkpoints], base=base_ref, version=__version__,
+            summary=plan.summary(), notes=notes))
+        path = writer.commit()
+    for c in plan.checkpoints:
+        c.close()
+    summary = plan.summary() | {"bytes_read": stats.bytes_read, "prepass_seconds": stats.prepass_seconds}
+    return MergeResult(path, summary, time.perf_counter() - t0, notes, plan.warnings)
+
+
+def _main_dtype(plan: Any) -> str | None:
+    counts: dict[str, int] = {}
+    for i in plan.items:
+        counts[i.dtype] = counts.get(i.dtype, 0) + math.prod(i.shape)
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _dump_recipe(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False)
+
+
+# -- inspect ---------------------------------------------------------------------------------
+@dataclass
+class TensorRow:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    tensors: list[TensorRow]
+    files: list[str]
+    total_bytes: int
+    config: dict[str, Any] | None
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def dtypes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.dtype] = out.get(t.dtype, 0) + t.numel
+        return out
+
+
+def inspect(model: str | os.PathLike[str], *, allow_pickle: bool = False) -> ModelInfo:
+    """List a checkpoint's tensors (name, dtype, shape, shard) without reading any tensor data."""
+    from moerge.io.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(model, allow_pickle=allow_pickle)
+    rows = [TensorRow(i.name, i.dtype, i.shape, i.file.name) for i in ck.infos.values()]
+    info = ModelInfo(str(model), rows, [f.name for f in ck.files], ck.nbytes(), ck.config)
+    ck.close()
+    return info
+
+
+# -- diff ------------------------------------------------------------------------------------
+@dataclass
+class TensorDiff:
+    name: str
+    shape: tuple[int, ...]
+    delta_l2: float
+    base_l2: float
+    cosine: float
+    sparsity: float  # fraction of entries left unchanged (delta exactly zero)
+    max_abs: float
+
+    @property
+    def relative(self) -> float:
+        return self.delta_l2 / self.base_l2 if self.base_l2 > 0 else math.inf if self.delta_l2 else 0.0
+
+
+def diff(base: str | os.PathLike[str], other: str | os.PathLike[str], *, allow_pickle: bool = False,
+         progress: Callable[[str, int, int], None] | None = None) -> tuple[list[TensorDiff], list[str], list[str]]:
+    """Per-tensor change from ``base`` to ``other``, streamed one tensor at a time.
+
+    Returns the diffs of shared tensors, and the names only in base / only in other.
+    """
+    import torch
+
+    from moerge.errors import PlanError
+    from moerge.io.checkpoint import Checkpoint
+
+    a = Checkpoint.open(base, allow_pickle=allow_pickle)
+    b = Checkpoint.open(other, allow_pickle=allow_pickle)
+    shared = [n for n in a.tensor_names if n in b]
+    only_a = [n for n in a.tensor_names if n not in b]
+    only_b = [n for n in b.tensor_names if n not in a]
+    out: list[TensorDiff] = []
+    for k, name in enumerate(shared):
+        sa, sb = a.info(name).shape, b.info(name).shape
+        if sa != sb:
+            raise PlanError(f"shape mismatch in {name!r}: {list(sa)} in {base} but {list(sb)} in {other}")
+        x = a.read(name).double()
+        y = b.read(name).double()
+        d = y - x
+        nx, ny = float(x.norm()), float(y.norm())
+        cos = float((x * y).sum()) / (nx * ny) if nx > 0 and ny > 0 else float("nan")
+        out.append(TensorDiff(name, sa, float(d.norm()), nx, cos,
+                              float((d == 0).sum()) / max(d.numel(), 1),
+                              float(d.abs().max()) if d.numel() else 0.0))
+        if progress:
+            progress(name, k + 1, len(shared))
+    a.close()
+    b.close()
+    return out, only_a, only_b
+
+
+def methods() -> dict[str, Any]:
+    """Every registered merge method, by name."""
+    from moerge.methods import all_methods
+
+    return all_methods()

@@ -1,0 +1,263 @@
+"""The ``moerge`` command line. Parsing, progress and error display only; the work is in moerge.api.
+
+Heavy modules (torch, pydantic, the methods) are imported inside the commands so
+that ``moerge --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import click
+
+EPILOG = """\b
+Examples:
+  moerge merge recipe.yaml ./merged          merge the models of a recipe
+  moerge merge recipe.yaml ./merged --dry-run   validate and plan only
+  moerge inspect ./merged                    tensors, dtypes, shapes, shards
+  moerge diff ./base ./expert                how much each tensor changed
+  moerge methods                             every method and its parameters
+  moerge methods ties                        one method in detail
+  moerge demo ./demo                         build small models and merge them
+
+Recipes are YAML in moerge's format (method: ...) or mergekit's (merge_method: ...).
+See the README for a recipe gallery."""
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {message}", markup=True)
+    if hint:
+        err.print(f"[dim]hint:[/] {hint}", markup=True)
+    sys.exit(code)
+
+
+def _run(ctx: click.Context, fn: Callable[[], Any]) -> Any:
+    """Run a command body, turning moerge errors into one readable message and an exit code."""
+    debug = bool(ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+    from moerge.errors import MoergeError
+
+    try:
+        return fn()
+    except MoergeError as e:
+        if debug:
+            raise
+        _fail(e.message, e.hint, e.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail("interrupted; no output was written (partial files were removed)", None, 130)
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory", "use a smaller --prefetch, or a machine with more RAM", 3)
+    except Exception as e:  # noqa: BLE001
+        if debug:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e}", "run again with --debug for the traceback, "
+              "and please report it", 1)
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moerge", prog_name="moerge")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """moerge: merge fine-tuned models of the same base into one, fast and in bounded memory."""
+    ctx.obj = {"debug": debug}
+
+
+def _progress(total_label: str, quiet: bool):  # noqa: ANN202
+    """A rich progress bar on stderr (only when stderr is a terminal and not --quiet)."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"),
+                   transient=True)
+    task = bar.add_task(total_label, total=None, tensor="")
+
+    def update(name: str, done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, tensor=name[-48:])
+
+    return bar, update
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (atomically, after the merge succeeds).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, in bytes (5GB, 500MB, 2GiB).")
+@click.option("--device", default="cpu", show_default=True, help="Compute device: cpu, cuda, cuda:1 or auto.")
+@click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin inputs (loaded with weights_only=True).")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input holds NaN or Inf.")
+@click.option("--dry-run", is_flag=True, help="Validate the recipe and plan the merge; write nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.pass_context
+def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size: str, device: str,
+          allow_pickle: bool, allow_nonfinite: bool, dry_run: bool, quiet: bool) -> None:
+    """Merge the models named in RECIPE into OUT_DIR.
+
+    \b
+    OUT_DIR becomes a Hugging Face model directory: sharded safetensors with an
+    index, config.json and tokenizer files from the base model, moerge_recipe.yaml
+    and a model card. It appears only when complete. Every tensor is validated
+    (presence, shape, dtype, parameters) before anything is written.
+    """
+
+    def body() -> None:
+        from moerge.api import merge as do_merge
+
+        bar, update = _progress("merging", quiet or dry_run)
+        if bar is not None:
+            bar.start()
+        try:
+            res = do_merge(recipe, out_dir, force=force, shard_size=shard_size, device=device,
+                           allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
+                           progress=update)
+        finally:
+            if bar is not None:
+                bar.stop()
+        s = res.summary
+        for w in res.warnings:
+            click.echo(f"warning: {w}", err=True)
+        if quiet:
+            return
+        what = "planned" if dry_run else "merged"
+        click.echo(f"{what} {s['tensors']} tensors ({s['parameters'] / 1e6:.1f}M parameters) with "
+                   f"{s['method']} [{s['conventions']} conventions]: {s['input_bytes'] / 1e9:.2f} GB in, "
+                   f"{s['output_bytes'] / 1e9:.2f} GB out" + ("" if dry_run else f", {res.seconds:.1f} s"))
+        for k, v in res.notes.items():
+            click.echo(f"note: {k}: {v}")
+        if res.output is not None:
+            click.echo(f"wrote {res.output}")
+
+    _run(ctx, body)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--tensors/--no-tensors", default=True, help="List every tensor.")
+@click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin checkpoints.")
+@click.pass_context
+def inspect(ctx: click.Context, model: str, tensors: bool, allow_pickle: bool) -> None:
+    """Show MODEL's tensors, dtypes, shapes, parameter count and shards (reads headers only)."""
+
+    def body() -> None:
+        from moerge.api import inspect as do_inspect
+
+        info = do_inspect(model, allow_pickle=allow_pickle)
+        if tensors:
+            width = max((len(t.name) for t in info.tensors), default=10)
+            click.echo(f"{'tensor':<{width}}  {'dtype':<9} {'shape':<18} file")
+            for t in info.tensors:
+                click.echo(f"{t.name:<{width}}  {t.dtype:<9} {str(list(t.shape)):<18} {t.file}")
+            click.echo()
+        click.echo(f"model:      {info.path}")
+        if info.config:
+            click.echo(f"arch:       {', '.join(info.config.get('architectures', []) or ['?'])} "
+                       f"({info.config.get('model_type', '?')})")
+        click.echo(f"tensors:    {len(info.tensors)}")
+        click.echo(f"parameters: {info.parameters:,} ({info.parameters / 1e6:.2f}M)")
+        click.echo("dtypes:     " + ", ".join(f"{k} {v:,}" for k, v in info.dtypes().items()))
+        click.echo(f"files:      {len(info.files)} ({info.total_bytes / 1e9:.3f} GB): {', '.join(info.files)}")
+
+    _run(ctx, body)
+
+
+@main.command()
+@click.argument("base")
+@click.argument("other")
+@click.option("--top", type=int, default=0, help="Only the N tensors that changed most (by relative change).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin checkpoints.")
+@click.pass_context
+def diff(ctx: click.Context, base: str, other: str, top: int, as_json: bool, allow_pickle: bool) -> None:
+    """Per-tensor change from BASE to OTHER: L2 of the delta, relative change, cosine, sparsity.
+
+    \b
+    relative = ‖other − base‖ / ‖base‖;  cosine = cos(base, other);
+    unchanged = fraction of entries whose delta is exactly zero.
+    """
+
+    def body() -> None:
+        from moerge.api import diff as do_diff
+
+        rows, only_a, only_b = do_diff(base, other, allow_pickle=allow_pickle)
+        if top:
+            rows = sorted(rows, key=lambda r: -r.relative)[:top]
+        if as_json:
+            import json
+
+            click.echo(json.dumps({
+                "tensors": [{"name": r.name, "shape": list(r.shape), "delta_l2": r.delta_l2,
+                             "relative": r.relative, "cosine": r.cosine, "unchanged": r.sparsity,
+                             "max_abs": r.max_abs} for r in rows],
+                "only_in_base": only_a, "only_in_other": only_b}, indent=1))
+            return
+        width = max((len(r.name) for r in rows), default=10)
+        click.echo(f"{'tensor':<{width}}  {'‖Δ‖':>10} {'relative':>9} {'cosine':>9} {'unchanged':>9} {'max|Δ|':>10}")
+        for r in rows:
+            click.echo(f"{r.name:<{width}}  {r.delta_l2:>10.4g} {r.relative:>9.3%} {r.cosine:>9.6f} "
+                       f"{r.sparsity:>9.2%} {r.max_abs:>10.4g}")
+        total = sum(r.delta_l2**2 for r in rows) ** 0.5
+        changed = sum(1 for r in rows if r.delta_l2 > 0)
+        click.echo(f"\n{changed} of {len(rows)} tensors changed; total ‖Δ‖ = {total:.4g}")
+        if only_a:
+            click.echo(f"only in {base}: {', '.join(only_a)}")
+        if only_b:
+            click.echo(f"only in {other}: {', '.join(only_b)}")
+
+    _run(ctx, body)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.pass_context
+def methods(ctx: click.Context, name: str | None) -> None:
+    """List every merge method with its parameters, defaults and paper (or one method in detail)."""
+
+    def body() -> None:
+        from moerge.methods import all_methods, get_method
+
+        chosen = [get_method(name)] if name else list(all_methods().values())
+        for m in chosen:
+            base = "needs base_model" if m.needs_base else "no base model"
+            count = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"-{m.max_models}"))
+            click.secho(f"{m.name}", bold=True, nl=False)
+            click.echo(f"  — {m.summary}  [{base}; models: {count}]")
+            click.echo(f"    paper: {m.citation}")
+            for p in m.params:
+                scope = "per model" if p.per_model else "global"
+                default = repr(p.default)
+                diff_mk = p.defaults.get("mergekit")
+                if diff_mk is not None:
+                    default += f" (mergekit: {diff_mk!r})"
+                click.echo(f"    {p.name:<17} {p.describe_range():<26} {scope:<9} default {default}")
+                if name:
+                    click.echo(f"      {p.doc}")
+            if name and m.fn.__doc__:
+                click.echo("\n    " + m.fn.__doc__.strip().replace("\n", "\n    "))
+            click.echo()
+
+    _run(ctx, body)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False), default="./moerge-demo")
+@click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
+@click.option("--force", is_flag=True, help="Rebuild OUT_DIR if it exists.")
+@click.pass_context
+def demo(ctx: click.Context, out_dir: str, method: str, force: bool) -> None:
+    """Build a small Llama-style model, fine-tune three experts, merge them, and generate text."""
+
+    def body() -> None:
+        from moerge.demo import run_demo
+
+        run_demo(out_dir, method=method, force=force, echo=click.echo)
+
+    _run(ctx, body)

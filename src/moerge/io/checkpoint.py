@@ -1,0 +1,239 @@
+"""Opening a model checkpoint as a lazy map from tensor name to tensor.
+
+A checkpoint is a Hugging Face model directory (one ``model.safetensors`` or
+shards listed in ``model.safetensors.index.json``), a single ``.safetensors``
+file, a PyTorch ``.bin`` checkpoint (only with ``allow_pickle``, and then only
+through ``torch.load(weights_only=True, mmap=True)``), or a Hugging Face repo id
+that is already in the local Hugging Face cache. Nothing is downloaded and no
+remote code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moerge.errors import CheckpointError
+from moerge.io.safetensors_format import SafetensorsReader, TensorEntry
+
+if TYPE_CHECKING:
+    import torch
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of one tensor, and the file that holds it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def hf_cache_dirs() -> list[Path]:
+    """The Hugging Face hub cache folders to look in, in the library's order of precedence."""
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    if os.environ.get("XDG_CACHE_HOME"):
+        dirs.append(Path(os.environ["XDG_CACHE_HOME"]) / "huggingface" / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def resolve_reference(ref: str | os.PathLike[str]) -> Path:
+    """Turn a path or ``org/name[@revision]`` into a local path, never downloading."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    text = str(ref)
+    repo, _, revision = text.partition("@")
+    parts = repo.split("/")
+    looks_like_repo = len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise CheckpointError(f"{text}: no such file or directory")
+    revision = revision or "main"
+    searched = []
+    for cache in hf_cache_dirs():
+        root = cache / f"models--{parts[0]}--{parts[1]}"
+        searched.append(str(cache))
+        if not root.is_dir():
+            continue
+        ref_file = root / "refs" / revision
+        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+        snap = root / "snapshots" / commit
+        if snap.is_dir():
+            return snap
+    raise CheckpointError(
+        f"{text}: not a local path, and not found in the Hugging Face cache "
+        f"(looked in {', '.join(dict.fromkeys(searched))})",
+        hint=f"download it first (e.g. `huggingface-cli download {repo}`) or pass a local directory",
+    )
+
+
+class Checkpoint:
+    """A lazily read model: tensor names, shapes and dtypes up front; bytes on demand.
+
+    Use :meth:`open`. Reading a tensor touches only that tensor's bytes.
+    """
+
+    def __init__(self, ref: str, root: Path, infos: dict[str, TensorInfo], readers: dict[Path, Any]):
+        self.ref = ref
+        self.root = root
+        self.infos = infos
+        self._readers = readers
+        self._lock = threading.Lock()
+        self._config: dict[str, Any] | None = None
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> "Checkpoint":
+        path = resolve_reference(ref)
+        root = path if path.is_dir() else path.parent
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return cls._from_safetensors(str(ref), root, [path])
+            if path.suffix in (".bin", ".pt", ".pth"):
+                return cls._from_pickle(str(ref), root, [path], allow_pickle)
+            raise CheckpointError(f"{path}: not a checkpoint (expected a .safetensors file or a model directory)")
+        if (path / SAFE_INDEX).is_file():
+            return cls._from_safetensors(str(ref), root, cls._index_files(path / SAFE_INDEX))
+        if (path / SAFE_SINGLE).is_file():
+            return cls._from_safetensors(str(ref), root, [path / SAFE_SINGLE])
+        others = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
+        if others:
+            return cls._from_safetensors(str(ref), root, others)
+        if (path / BIN_INDEX).is_file():
+            return cls._from_pickle(str(ref), root, cls._index_files(path / BIN_INDEX), allow_pickle)
+        if (path / BIN_SINGLE).is_file():
+            return cls._from_pickle(str(ref), root, [path / BIN_SINGLE], allow_pickle)
+        raise CheckpointError(
+            f"{path}: no model weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or *.safetensors)"
+        )
+
+    @staticmethod
+    def _index_files(index_path: Path) -> list[Path]:
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_path}: corrupt index file ({e})") from e
+        paths = [index_path.parent / f for f in files]
+        for p in paths:
+            if not p.is_file():
+                raise CheckpointError(f"{index_path}: lists shard {p.name}, which does not exist")
+        return paths
+
+    @classmethod
+    def _from_safetensors(cls, ref: str, root: Path, files: list[Path]) -> "Checkpoint":
+        infos: dict[str, TensorInfo] = {}
+        readers: dict[Path, Any] = {}
+        for f in files:
+            reader = SafetensorsReader(f)
+            readers[f] = reader
+            for name, e in reader.entries.items():
+                if name in infos:
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {infos[name].file}")
+                infos[name] = TensorInfo(name, e.dtype, e.shape, f)
+        return cls(ref, root, infos, readers)
+
+    @classmethod
+    def _from_pickle(cls, ref: str, root: Path, files: list[Path], allow_pickle: bool) -> "Checkpoint":
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{files[0]}: is a pickled PyTorch checkpoint; moerge does not unpickle files unless asked",
+                hint="convert it to safetensors, or pass --allow-pickle (loaded with "
+                "torch.load(weights_only=True), which refuses arbitrary objects)",
+            )
+        import torch
+
+        infos: dict[str, TensorInfo] = {}
+        readers: dict[Path, Any] = {}
+        for f in files:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for bad pickles
+                raise CheckpointError(f"{f}: cannot load PyTorch checkpoint ({e})") from e
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{f}: expected a state dict, found {type(state).__name__}")
+            readers[f] = state
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                infos[name] = TensorInfo(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), f)
+        return cls(ref, root, infos, readers)
+
+    # -- queries ------------------------------------------------------------------------
+    @property
+    def files(self) -> list[Path]:
+        return list(self._readers)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.ref}: has no tensor {name!r}") from None
+
+    def entry(self, name: str) -> TensorEntry | None:
+        reader = self._readers[self.info(name).file]
+        return reader.entries[name] if isinstance(reader, SafetensorsReader) else None
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The parsed ``config.json`` beside the weights, or None."""
+        if self._config is None:
+            p = self.root / "config.json"
+            if p.is_file():
+                try:
+                    self._config = json.loads(p.read_text())
+                except ValueError as e:
+                    raise CheckpointError(f"{p}: invalid JSON ({e})") from e
+        return self._config
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> "torch.Tensor":
+        """Read one tensor (or a flat element range of it) into memory in its stored dtype."""
+        info = self.info(name)
+        reader = self._readers[info.file]
+        if isinstance(reader, SafetensorsReader):
+            return reader.read(name, start, count)
+        t = reader[name]
+        if start or count is not None:
+            t = t.reshape(-1)[start : None if count is None else start + count]
+        return t.clone()
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            if isinstance(r, SafetensorsReader):
+                r.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.ref!r}, {len(self.infos)} tensors, {len(self._readers)} files)"

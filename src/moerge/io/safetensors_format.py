@@ -1,0 +1,215 @@
+"""The safetensors file format, read and written without memory-mapping.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header
+(tensor name -> dtype, shape, byte offsets) and the raw little-endian tensor
+bytes. We parse the header ourselves so that a corrupt file gets a precise
+message, and we read tensor bytes with ``os.preadv`` into fresh buffers: unlike
+an mmap that stays open, pages we are done with never count against the
+process's resident memory, and the call releases the GIL so reads overlap with
+compute in other threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moerge.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+TORCH_TO_CODE = {name: code for code, (name, _) in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives inside a safetensors file."""
+
+    name: str
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int  # absolute file offset one past the last byte
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Read and validate the header of a safetensors file.
+
+    Returns the tensor entries and the free-form ``__metadata__`` dict. Raises
+    :class:`CheckpointError` naming the file for anything that is not a valid
+    safetensors file (truncated, bad JSON, offsets outside the file, overlaps).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header (declares a {header_len}-byte header "
+                    f"in a {size}-byte file)",
+                    hint="the file is truncated or is not safetensors; re-download or re-save it",
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_size = size - data_start
+    entries: dict[str, TensorEntry] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        try:
+            code = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({e})") from e
+        if code not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
+        torch_name, itemsize = DTYPES[code]
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+            numel *= d
+        if not (0 <= begin <= end <= data_size) or end - begin != numel * itemsize:
+            raise CheckpointError(
+                f"{path}: corrupt header entry for tensor {name!r}: bytes [{begin}, {end}) do not "
+                f"hold a {code} tensor of shape {list(shape)} inside {data_size} data bytes",
+                hint="the file is truncated or damaged; re-download or re-save it",
+            )
+        entries[name] = TensorEntry(name, torch_name, shape, data_start + begin, data_start + end)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
+    if not isinstance(metadata, dict):
+        metadata = {}
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+class SafetensorsReader:
+    """Lazy reader of one safetensors file: parses the header, reads tensors on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries, self.metadata = parse_header(self.path)
+        self._fd: int | None = None
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> "torch.Tensor":
+        """Read tensor ``name`` (or elements ``[start, start+count)`` of it, flattened)."""
+        import torch
+
+        entry = self.entries[name]
+        itemsize = DTYPES[TORCH_TO_CODE[entry.dtype]][1]
+        if count is None:
+            count = entry.numel - start
+        nbytes = count * itemsize
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            offset = entry.begin + start * itemsize
+            got = 0
+            fd = self._fileno()
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise CheckpointError(
+                        f"{self.path}: unexpected end of file while reading tensor {name!r}"
+                    )
+                got += n
+        t = buf.view(getattr(torch, entry.dtype))
+        return t.reshape(entry.shape) if start == 0 and count == entry.numel else t
+
+
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[tuple[str, int, int]]]:
+    """Lay out a safetensors file for tensors given as (name, torch dtype name, shape).
+
+    Returns the full prefix (length + JSON header, padded to 8 bytes) and each
+    tensor's (name, relative begin, relative end) in write order.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    layout = []
+    offset = 0
+    for name, dtype, shape in tensors:
+        code = TORCH_TO_CODE[dtype]
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * DTYPES[code][1]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        layout.append((name, offset, offset + nbytes))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw, layout
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * DTYPES[TORCH_TO_CODE[dtype]][1]

@@ -1,0 +1,65 @@
+"""Files that travel with the weights: config, tokenizer, generation config, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
+    "chat_template.jinja", "chat_template.json", "sentencepiece.bpe.model",
+)
+CONFIG_SIDE_FILES = ("generation_config.json",)
+
+
+def output_config(config: dict[str, Any] | None, dtype: str | None, num_layers: int | None,
+                  layer_key_values: tuple[str, ...]) -> dict[str, Any] | None:
+    """The source config with the output dtype and (for slices) the new layer count."""
+    if config is None:
+        return None
+    cfg = dict(config)
+    if dtype:
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg or key == "torch_dtype":
+                cfg[key] = dtype
+    if num_layers is not None:
+        for key in layer_key_values:
+            if key in cfg and cfg[key] != num_layers:
+                cfg[key] = num_layers
+                if "layer_types" in cfg and isinstance(cfg["layer_types"], list):
+                    lt = cfg["layer_types"]
+                    cfg["layer_types"] = (lt * (num_layers // max(len(lt), 1) + 1))[:num_layers]
+    return cfg
+
+
+def tokenizer_files(root: Path) -> list[Path]:
+    return [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
+
+
+def model_card(*, method: Any, recipe_text: str, conventions: str, inputs: list[str],
+               base: str | None, version: str, summary: dict[str, Any], notes: dict[str, Any]) -> str:
+    """A Hugging Face model card (README.md) recording how the model was made."""
+    base_models = [base] if base else inputs
+    front = ["---", "library_name: transformers", "tags:", "- moerge", "- merge", f"- {method.name}",
+             "base_model:"] + [f"- {json.dumps(m)}" for m in base_models] + ["---", ""]
+    lines = [
+        f"# Merged model ({method.name})",
+        "",
+        f"Made with [moerge](https://pypi.org/project/moerge/) {version} by merging "
+        f"{len(inputs)} model(s) with **{method.name}** ({method.summary}).",
+        "",
+        f"- Method: `{method.name}` — {method.citation}",
+        f"- Conventions: `{conventions}`" + (" (mergekit-compatible recipe)" if conventions == "mergekit" else
+                                            " (the method paper's reference code)"),
+        f"- Tensors: {summary['tensors']:,}; parameters: {summary['parameters']:,}",
+        "",
+        "## Inputs",
+        "",
+    ]
+    lines += [f"- `{m}`" + (" (base)" if m == base else "") for m in inputs]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in notes.items()]
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(front + lines)

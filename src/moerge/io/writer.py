@@ -1,0 +1,235 @@
+"""Writing a model: streamed safetensors shards, an index, side files, atomic publication.
+
+Everything is written into a hidden sibling directory
+(``.NAME.moerge-tmp-PID-XXXX``), every file and the directory are fsynced, and
+only then is the directory renamed to the output path. A crash, a kill or
+Ctrl-C at any moment leaves either the old state or the complete new model at
+the output path, never a half-written model. Shards are streamed: each shard's
+header is written first (the plan knows every shape), then tensor bytes in
+order, so the writer holds no tensor longer than one ``write`` call.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from moerge.errors import OutputError
+from moerge.io.safetensors_format import build_header, tensor_nbytes
+
+if TYPE_CHECKING:
+    import torch
+
+TMP_MARK = ".moerge-tmp-"
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500M', '2GiB', '1e9' or an int → bytes (decimal units, binary with 'i')."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    if not m:
+        raise OutputError(f"cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
+    value = float(m.group(1))
+    power = " kmgt".index(m.group(2).lower() or " ")
+    base = 1024 if m.group(3) else 1000
+    size = int(value * base**power)
+    if size <= 0:
+        raise OutputError(f"size must be positive, got {text!r}")
+    return size
+
+
+@dataclass
+class _Shard:
+    filename: str
+    tensors: list[tuple[str, str, tuple[int, ...]]]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(out_dir: Path) -> list[Path]:
+    """Remove temporary siblings left by merges whose process no longer exists."""
+    removed = []
+    for p in out_dir.parent.glob(f".{out_dir.name}{TMP_MARK}*"):
+        m = re.search(re.escape(TMP_MARK) + r"(\d+)-", p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+class ModelWriter:
+    """Streams planned tensors into shards inside a temporary directory, then publishes it.
+
+    Tensors must be written in the order given to the constructor.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], tensors: list[tuple[str, str, tuple[int, ...]]],
+                 *, shard_size: int = 5_000_000_000, force: bool = False,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.force = force
+        if self.out_dir.exists() and not force:
+            raise OutputError(f"{self.out_dir} already exists", hint="pass --force to replace it")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise OutputError(f"{self.out_dir} exists and is not a directory")
+        parent = self.out_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {parent}: {e.strerror or e}") from e
+        clean_stale_temp_dirs(self.out_dir)
+        self.tmp = parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot write in {parent}: {e.strerror or e}") from e
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = self._layout(tensors, shard_size)
+        self._order = [t[0] for s in self.shards for t in s.tensors]
+        self._shard_of = {t[0]: i for i, s in enumerate(self.shards) for t in s.tensors}
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._file_shard = -1
+        self._closed = False
+        self.bytes_written = 0
+
+    @staticmethod
+    def _layout(tensors: list[tuple[str, str, tuple[int, ...]]], shard_size: int) -> list[_Shard]:
+        groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for t in tensors:
+            nb = tensor_nbytes(t[1], t[2])
+            if groups[-1] and size + nb > shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += nb
+        if len(groups) == 1:
+            return [_Shard("model.safetensors", groups[0])]
+        n = len(groups)
+        return [_Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+    def _guard(self, fn, *args):  # noqa: ANN001, ANN202
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OutputError(
+                    f"disk full while writing {self.out_dir} ({self.bytes_written / 1e9:.2f} GB written); "
+                    "the partial output was removed", hint="free some space and run again",
+                ) from e
+            raise OutputError(f"cannot write {self.out_dir}: {e.strerror or e}") from e
+
+    def _open_shard(self, idx: int) -> None:
+        self._close_file()
+        shard = self.shards[idx]
+        prefix, _ = build_header(shard.tensors, self.metadata)
+        self._file = self._guard(open, self.tmp / shard.filename, "wb", 0)
+        self._file_shard = idx
+        self._guard(self._write_all, prefix)
+
+    def _write_all(self, data) -> None:  # noqa: ANN001
+        view = memoryview(data).cast("B")
+        while view:
+            n = self._file.write(view)  # type: ignore[union-attr]
+            view = view[n:]
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            f = self._file
+            self._file = None
+            self._guard(os.fsync, f.fileno())
+            f.close()
+
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
+        """Append the next planned tensor (already in its output dtype and shape, on the CPU)."""
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        if name != expected:
+            raise RuntimeError(f"writer expected {expected!r}, got {name!r}")
+        shard = self._shard_of[name]
+        if shard != self._file_shard:
+            self._open_shard(shard)
+        import torch
+
+        t = tensor.detach().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._guard(self._write_all, data)
+        self.bytes_written += len(data) if isinstance(data, bytes) else data.nbytes
+        self._next += 1
+
+    def write_text(self, filename: str, text: str) -> None:
+        self._guard((self.tmp / filename).write_text, text)
+
+    def copy_file(self, src: Path, filename: str | None = None) -> None:
+        self._guard(shutil.copyfile, src, self.tmp / (filename or src.name))
+
+    def commit(self) -> Path:
+        """Finish: index, fsync, rename into place. Returns the output path."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"commit after {self._next} of {len(self._order)} tensors")
+        self._close_file()
+        if len(self.shards) > 1:
+            total = sum(tensor_nbytes(t[1], t[2]) for s in self.shards for t in s.tensors)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {t[0]: s.filename for s in self.shards for t in s.tensors}}
+            self.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        for p in self.tmp.iterdir():
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    self._guard(os.fsync, fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(self.tmp)
+        trash = None
+        if self.out_dir.exists():
+            trash = self.out_dir.parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(3)}"
+            os.rename(self.out_dir, trash)
+        os.rename(self.tmp, self.out_dir)
+        _fsync_dir(self.out_dir.parent)
+        self._closed = True
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Remove everything written so far (the output path is untouched)."""
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        finally:
+            if not self._closed:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self._closed = True
+
+    def __enter__(self) -> "ModelWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is not None or not self._closed:
+            self.abort()

@@ -1,0 +1,438 @@
+"""Planning: map every output tensor to its inputs, method and resolved parameters.
+
+Everything that can be checked without reading tensor values is checked here,
+before the first byte is written: that every model has every tensor, that
+shapes agree (or a vocabulary policy says what to do), that every parameter is
+known, well-placed and in range for every tensor, and that the output fits on
+disk. The executor then only streams.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moerge.errors import PlanError, did_you_mean
+from moerge.io.checkpoint import Checkpoint
+from moerge.io.safetensors_format import tensor_nbytes
+from moerge.methods import MergeMethod, get_method
+from moerge.methods.sparsify import tensor_seed
+from moerge.recipe.loader import LoadedRecipe
+from moerge.recipe.params import (NOT_SET, check_shape, evaluate, is_pre_layer, layer_index,
+                                  with_layer_index)
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# mergekit-only parameters that change nothing in moerge's arithmetic
+IGNORED_PARAMS = {"int8_mask"}
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input tensor: which checkpoint (index into ``Plan.checkpoints``) and which name."""
+
+    model: int
+    tensor: str
+
+
+@dataclass
+class WorkItem:
+    """How to produce one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # output dtype
+    base: InputRef | None
+    inputs: list[InputRef]
+    model_params: list[dict[str, Any]]
+    params: dict[str, Any]
+    seed: int
+    copy_from: InputRef | None = None  # non-float tensors are copied, not merged
+    row_fix: bool = False  # inputs may need crop/pad of rows to ``shape[0]`` (vocab policy)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+@dataclass
+class Plan:
+    loaded: LoadedRecipe
+    method: MergeMethod
+    checkpoints: list[Checkpoint]
+    items: list[WorkItem]
+    reference: int  # checkpoint whose config/tokenizer/tensor layout the output follows
+    config_source: int
+    tokenizer_source: int
+    num_layers_out: int | None
+    base_index: int | None
+    expert_indices: list[int]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def recipe(self):  # noqa: ANN201 - Recipe
+        return self.loaded.recipe
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(i.nbytes for i in self.items)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.checkpoints)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method.name,
+            "conventions": self.recipe.conventions,
+            "tensors": len(self.items),
+            "parameters": sum(_numel(i.shape) for i in self.items),
+            "output_bytes": self.output_bytes,
+            "input_bytes": self.input_bytes,
+            "models": [c.ref for c in self.checkpoints],
+        }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _Planner:
+    def __init__(self, loaded: LoadedRecipe, *, allow_pickle: bool = False) -> None:
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.method = get_method(self.recipe.method) if not loaded.lines else self._method_with_line()
+        self.refs = self.recipe.model_refs()
+        self.checkpoints = [Checkpoint.open(r, allow_pickle=allow_pickle) for r in self.refs]
+        self.index = {r: i for i, r in enumerate(self.refs)}
+        self.warnings: list[str] = []
+
+    def _method_with_line(self) -> MergeMethod:
+        from moerge.errors import UnknownMethodError
+
+        try:
+            return get_method(self.recipe.method)
+        except UnknownMethodError as e:
+            key = "merge_method" if self.loaded.format == "mergekit" else "method"
+            raise UnknownMethodError(f"{self.loaded.where(key)}: {e.message}", hint=e.hint) from None
+
+    # -- parameters -------------------------------------------------------------------------
+    def check_param_keys(self, params: dict[str, Any], path: tuple[Any, ...], per_model: bool) -> None:
+        names = {p.name for p in self.method.params}
+        for key, value in params.items():
+            where = self.loaded.where(*path, key)
+            if key in IGNORED_PARAMS:
+                continue
+            p = self.method.param(key)
+            if p is None:
+                known = ", ".join(sorted(names)) or "none"
+                raise PlanError(
+                    f"{where}: {self.method.name} has no parameter {key!r}{did_you_mean(key, names)}",
+                    hint=f"its parameters are: {known} (see `moerge methods {self.method.name}`)",
+                )
+            if per_model and not p.per_model:
+                raise PlanError(
+                    f"{where}: {key!r} is a global parameter of {self.method.name}; set it under "
+                    "the top-level 'parameters:'"
+                )
+            err = check_shape(value)
+            if err is None and isinstance(value, list) and not p.gradient and not all(
+                isinstance(v, dict) for v in value
+            ):
+                err = f"{key!r} cannot vary across layers (give one value)"
+            if err:
+                raise PlanError(f"{where}: {key}: {err}")
+
+    def resolve(self, levels: list[tuple[dict[str, Any], tuple[Any, ...]]], tensor: str, t: float,
+                per_model: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.per_model != per_model:
+                continue
+            value, where = NOT_SET, "default"
+            for params, path in levels:
+                if p.name in params:
+                    v = evaluate(params[p.name], tensor, t)
+                    if v is not NOT_SET:
+                        value, where = v, self.loaded.where(*path, p.name)
+                        break
+            if value is NOT_SET:
+                value = p.default_for(self.recipe.conventions)
+                from moerge.methods.base import REQUIRED
+
+                if value is REQUIRED:
+                    raise PlanError(f"{self.loaded.source}: {self.method.name} needs parameter {p.name!r} (for {tensor})")
+            if p.kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            err = p.check(value)
+            if err:
+                raise PlanError(f"{where}: {p.name} {err} (for tensor {tensor})")
+            out[p.name] = value
+        return out
+
+    # -- building -----------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        r = self.recipe
+        m = self.method
+        self.check_param_keys(r.parameters, ("parameters",), per_model=False)
+        if m.needs_base and not r.base_model and not r.slices:
+            raise PlanError(f"{self.loaded.source}: {m.name} needs a 'base_model' (the model the task "
+                            "vectors are taken against)")
+        if r.slices is not None:
+            items, reference, n_layers, base_idx, experts = self._plan_slices()
+        else:
+            items, reference, n_layers, base_idx, experts = self._plan_models()
+        cfg_src = self._source_index(r.config_source, reference, "config_source")
+        tok_src = self._source_index(r.tokenizer_from, reference, "tokenizer_source")
+        return Plan(self.loaded, m, self.checkpoints, items, reference, cfg_src, tok_src, n_layers,
+                    base_idx, experts, self.warnings)
+
+    def _source_index(self, ref: str | None, default: int, key: str) -> int:
+        if ref is None or ref == "base":
+            return default
+        if ref in self.index:
+            return self.index[ref]
+        raise PlanError(f"{self.loaded.where(key)}: {key} {ref!r} is not one of the recipe's models")
+
+    def _count_layers(self, ckpt: Checkpoint) -> int | None:
+        cfg = ckpt.config or {}
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        idx = [layer_index(n) for n in ckpt.tensor_names]
+        found = [i for i in idx if i is not None]
+        return max(found) + 1 if found else None
+
+    def _position(self, name: str, layer: int | None, n_layers: int | None) -> float:
+        if layer is not None and n_layers:
+            return layer / (n_layers - 1) if n_layers > 1 else 0.0
+        if self.recipe.conventions == "mergekit":
+            return 0.0  # mergekit evaluates gradients at t=0 for every tensor outside the blocks
+        return 0.0 if is_pre_layer(name) else 1.0
+
+    def _ordered_names(self, ckpt: Checkpoint) -> list[str]:
+        def key(n: str) -> tuple[str, int, str]:
+            e = ckpt.entry(n)
+            return (str(ckpt.info(n).file), e.begin if e else 0, n)
+
+        return sorted(ckpt.tensor_names, key=key)
+
+    def _plan_models(self):  # noqa: ANN202
+        r = self.recipe
+        m = self.method
+        base_idx = self.index[r.base_model] if r.base_model else None
+        entries = list(enumerate(r.models or []))
+        if m.needs_base:
+            entries = [(i, e) for i, e in entries if e.model != r.base_model]
+        else:
+            if r.base_model and all(e.model != r.base_model for e in r.models or []):
+                self.warnings.append(f"{m.name} does not use a base model; {r.base_model} is ignored "
+                                     "(list it under models to include it)")
+        self._check_count(len(entries))
+        for i, e in entries:
+            self.check_param_keys(e.parameters, ("models", i, "parameters"), per_model=True)
+        experts = [self.index[e.model] for _, e in entries]
+        reference = base_idx if (m.needs_base and base_idx is not None) else experts[0]
+        ref_ckpt = self.checkpoints[reference]
+        n_layers = self._count_layers(ref_ckpt)
+        out_dtype = self.recipe.output_dtype
+        items: list[WorkItem] = []
+        for name in self._ordered_names(ref_ckpt):
+            info = ref_ckpt.info(name)
+            layer = layer_index(name)
+            t = self._position(name, layer, n_layers)
+            row_fix = self._check_inputs(name, reference, experts, info.shape)
+            gparams = self.resolve([(r.parameters, ("parameters",))], name, t, per_model=False)
+            mparams = [
+                self.resolve([(e.parameters, ("models", i, "parameters")), (r.parameters, ("parameters",))],
+                             name, t, per_model=True)
+                for i, e in entries
+            ]
+            dtype = info.dtype if info.dtype not in FLOAT_DTYPES else (out_dtype or info.dtype)
+            item = WorkItem(
+                name=name, shape=info.shape, dtype=dtype,
+                base=InputRef(base_idx, name) if m.needs_base and base_idx is not None else None,
+                inputs=[InputRef(x, name) for x in experts],
+                model_params=mparams, params=gparams, seed=tensor_seed(r.seed, name),
+                copy_from=None if info.dtype in FLOAT_DTYPES else InputRef(reference, name),
+                row_fix=row_fix,
+            )
+            items.append(item)
+        return items, reference, n_layers, (base_idx if m.needs_base else None), experts
+
+    def _check_count(self, n: int) -> None:
+        m = self.method
+        if n < m.min_models:
+            raise PlanError(f"{self.loaded.source}: {m.name} needs at least {m.min_models} model(s) "
+                            f"besides the base model, got {n}")
+        if m.max_models is not None and n > m.max_models:
+            extra = " besides the base model" if m.needs_base else ""
+            raise PlanError(f"{self.loaded.source}: {m.name} takes at most {m.max_models} model(s){extra}, got {n}")
+
+    def _check_inputs(self, name: str, reference: int, others: list[int], shape: tuple[int, ...],
+                      names: list[str] | None = None) -> bool:
+        """Check presence and shape of ``name`` in every input; return whether rows need fixing."""
+        ref = self.checkpoints[reference]
+        row_fix = False
+        for k, idx in enumerate(others):
+            ck = self.checkpoints[idx]
+            tname = names[k] if names else name
+            if tname not in ck:
+                raise PlanError(
+                    f"tensor {tname!r} is missing from {ck.ref} (files: {', '.join(str(f) for f in ck.files)}); "
+                    f"it is in {ref.ref}",
+                    hint="all models must share the base model's architecture",
+                )
+            other = ck.info(tname).shape
+            if other == shape:
+                continue
+            same_tail = len(other) == len(shape) and other[1:] == shape[1:]
+            if same_tail and self._is_vocab_tensor(tname, ck, other[0], ref, shape[0]):
+                if self.recipe.vocab_policy == "base":
+                    row_fix = True
+                    self.warnings.append(f"{tname}: {ck.ref} has {other[0]} rows, the output keeps "
+                                         f"{shape[0]} (vocab_policy: base)")
+                    continue
+                raise PlanError(
+                    f"vocabulary size mismatch in {tname!r}: {ref.ref} ({ref.info(name).file}) has "
+                    f"{shape[0]} rows, {ck.ref} ({ck.info(tname).file}) has {other[0]}",
+                    hint="the models use different tokenizers or padded vocabularies; set "
+                    "'vocab_policy: base' to keep the base model's vocabulary (extra rows are cropped, "
+                    "missing rows keep the base values)",
+                )
+            raise PlanError(
+                f"shape mismatch in {tname!r}: {list(shape)} in {ref.ref} ({ref.info(name).file}) "
+                f"but {list(other)} in {ck.ref} ({ck.info(tname).file})",
+                hint="all models must share the base model's architecture and sizes",
+            )
+        return row_fix
+
+    @staticmethod
+    def _is_vocab_tensor(name: str, ck: Checkpoint, rows: int, ref: Checkpoint, ref_rows: int) -> bool:
+        if any(h in name for h in ("embed", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight")):
+            return True
+        v1 = (ck.config or {}).get("vocab_size")
+        v0 = (ref.config or {}).get("vocab_size")
+        return v1 == rows and v0 == ref_rows
+
+    def _plan_slices(self):  # noqa: ANN202
+        r = self.recipe
+        m = self.method
+        slices = r.slices or []
+        items: list[WorkItem] = []
+        out_layer = 0
+        first_ckpt_idx = self.index[slices[0].sources[0].model]
+        reference = first_ckpt_idx
+        base_idx_global: int | None = None
+        expert_set: list[int] = []
+        out_dtype = r.output_dtype
+        for si, sl in enumerate(slices):
+            self.check_param_keys(sl.parameters, ("slices", si, "parameters"), per_model=False)
+            base_ref = sl.base_model or r.base_model
+            srcs = list(enumerate(sl.sources))
+            base_src = None
+            if m.needs_base:
+                matches = [(k, s) for k, s in srcs if s.model == base_ref]
+                if not base_ref or not matches:
+                    raise PlanError(f"{self.loaded.where('slices', si)}: {m.name} needs the base model "
+                                    "among each slice's sources")
+                base_src = matches[0]
+                srcs = [(k, s) for k, s in srcs if s.model != base_ref]
+            self._check_count(len(srcs))
+            for k, s in srcs:
+                self.check_param_keys(s.parameters, ("slices", si, "sources", k, "parameters"), per_model=True)
+            length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+            for k, s in enumerate(sl.sources):
+                ck = self.checkpoints[self.index[s.model]]
+                n = self._count_layers(ck)
+                if n is not None and s.layer_range[1] > n:
+                    raise PlanError(f"{self.loaded.where('slices', si, 'sources', k, 'layer_range')}: "
+                                    f"layer_range {list(s.layer_range)} exceeds the {n} layers of {s.model}")
+            lead = base_src[1] if base_src else srcs[0][1]
+            lead_idx = self.index[lead.model]
+            lead_ck = self.checkpoints[lead_idx]
+            experts = [self.index[s.model] for _, s in srcs]
+            expert_set.extend(x for x in experts if x not in expert_set)
+            templates = [n for n in self._ordered_names(lead_ck) if layer_index(n) == lead.layer_range[0]]
+            if not templates:
+                raise PlanError(f"{lead.model}: no tensors found for layer {lead.layer_range[0]}")
+            for off in range(length):
+                t = off / (length - 1) if length > 1 else 0.0
+                for tmpl in templates:
+                    out_name = with_layer_index(tmpl, out_layer + off)
+                    lead_name = with_layer_index(tmpl, lead.layer_range[0] + off)
+                    info = lead_ck.info(lead_name)
+                    in_names = [with_layer_index(tmpl, s.layer_range[0] + off) for _, s in srcs]
+                    self._check_inputs(lead_name, lead_idx, experts, info.shape, in_names)
+                    levels_g = [(sl.parameters, ("slices", si, "parameters")), (r.parameters, ("parameters",))]
+                    gparams = self.resolve(levels_g, out_name, t, per_model=False)
+                    mparams = [self.resolve([(s.parameters, ("slices", si, "sources", k, "parameters"))] + levels_g,
+                                            out_name, t, per_model=True) for k, s in srcs]
+                    items.append(self._item(out_name, info, out_dtype,
+                                            InputRef(lead_idx, lead_name) if base_src else None,
+                                            [InputRef(x, nm) for x, nm in zip(experts, in_names)],
+                                            mparams, gparams, lead_idx, lead_name))
+            out_layer += length
+            if m.needs_base and base_idx_global is None:
+                base_idx_global = lead_idx
+        # tensors outside the blocks: embeddings from the first slice, the rest from the last
+        for pos, sl in ((0, slices[0]), (len(slices) - 1, slices[-1])):
+            base_ref = sl.base_model or r.base_model
+            srcs = [s for s in sl.sources if not (m.needs_base and s.model == base_ref)]
+            lead_idx = self.index[base_ref] if m.needs_base and base_ref else self.index[srcs[0].model]
+            lead_ck = self.checkpoints[lead_idx]
+            experts = [self.index[s.model] for s in srcs]
+            for name in self._ordered_names(lead_ck):
+                if layer_index(name) is not None or is_pre_layer(name) != (pos == 0):
+                    continue
+                info = lead_ck.info(name)
+                self._check_inputs(name, lead_idx, experts, info.shape)
+                t = self._position(name, None, None)
+                levels_g = [(sl.parameters, ("slices", pos, "parameters")), (r.parameters, ("parameters",))]
+                gparams = self.resolve(levels_g, name, t, per_model=False)
+                mparams = [self.resolve([(s.parameters, ())] + levels_g, name, t, per_model=True) for s in srcs]
+                item = self._item(name, info, out_dtype, InputRef(lead_idx, name) if m.needs_base else None,
+                                  [InputRef(x, name) for x in experts], mparams, gparams, lead_idx, name)
+                if pos == 0:
+                    items.insert(0, item)
+                else:
+                    items.append(item)
+        names = [i.name for i in items]
+        if len(set(names)) != len(names):
+            raise PlanError(f"{self.loaded.source}: the slices produce duplicate tensor names")
+        return items, reference, out_layer, base_idx_global, expert_set
+
+    def _item(self, out_name, info, out_dtype, base, inputs, mparams, gparams, lead_idx, lead_name) -> WorkItem:  # noqa: ANN001
+        is_float = info.dtype in FLOAT_DTYPES
+        return WorkItem(
+            name=out_name, shape=info.shape,
+            dtype=(out_dtype or info.dtype) if is_float else info.dtype,
+            base=base, inputs=inputs, model_params=mparams, params=gparams,
+            seed=tensor_seed(self.recipe.seed, out_name),
+            copy_from=None if is_float else InputRef(lead_idx, lead_name),
+        )
+
+
+def make_plan(loaded: LoadedRecipe, *, allow_pickle: bool = False) -> Plan:
+    """Open the recipe's checkpoints and plan every output tensor (no tensor data is read)."""
+    return _Planner(loaded, allow_pickle=allow_pickle).plan()
+
+
+def check_disk_space(plan: Plan, out_dir: Path) -> None:
+    """Fail early when the output cannot fit on its file system (with 1% + 64 MiB headroom)."""
+    parent = out_dir.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    need = plan.output_bytes
+    if need * 1.01 + (64 << 20) > free:
+        raise PlanError(
+            f"not enough disk space for {out_dir}: the merged model needs {need / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free on {parent}",
+            hint="free some space or choose another output directory",
+        )

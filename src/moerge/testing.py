@@ -1,0 +1,156 @@
+"""Small real Hugging Face models built on the spot, for tests, the demo and benchmarks.
+
+The models are random-initialised ``transformers`` models of real architectures
+(Llama, GPT-2), saved in Hugging Face layout. "Experts" are the base plus a
+seeded perturbation, written tensor by tensor, so the factory also serves for
+large benchmark models without holding them in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def make_llama(path: str | Path, *, seed: int = 0, vocab: int = 64, hidden: int = 32,
+               intermediate: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               dtype: torch.dtype = torch.float32, tie: bool = False,
+               shard_size: str | None = None) -> Path:
+    """A random Llama-architecture causal LM saved with ``save_pretrained``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=128, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    return _save(model, path, shard_size)
+
+
+def make_gpt2(path: str | Path, *, seed: int = 0, vocab: int = 64, hidden: int = 32, layers: int = 2,
+              heads: int = 4, dtype: torch.dtype = torch.float32) -> Path:
+    """A random GPT-2 causal LM (tied embeddings, Conv1D layers, fused attention)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128)
+    model = GPT2LMHeadModel(cfg).to(dtype)
+    return _save(model, path, None)
+
+
+def _save(model: Any, path: str | Path, shard_size: str | None) -> Path:
+    path = Path(path)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if shard_size:
+        kwargs["max_shard_size"] = shard_size
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def perturb(src: str | Path, dst: str | Path, *, scale: float = 0.05, seed: int = 1,
+            density: float = 1.0, shard_size: str | int = "5GB") -> Path:
+    """An "expert": ``src`` plus seeded Gaussian deltas of ``scale``·rms per tensor.
+
+    With ``density`` < 1 only that fraction of entries is changed (sparse deltas,
+    like a light fine-tune). Streams tensor by tensor through moerge's own
+    reader and writer, so it works for models of any size.
+    """
+    from moerge.io.checkpoint import Checkpoint
+    from moerge.io.writer import ModelWriter, parse_size
+    from moerge.methods.sparsify import bernoulli_keep, tensor_seed
+
+    src, dst = Path(src), Path(dst)
+    ck = Checkpoint.open(src)
+    tensors = [(n, i.dtype, i.shape) for n, i in ck.infos.items()]
+    with ModelWriter(dst, tensors, shard_size=parse_size(shard_size), force=True) as w:
+        gen = torch.Generator()
+        for name, dtype, _shape in tensors:
+            t = ck.read(name)
+            if t.is_floating_point() and t.numel():
+                x = t.float()
+                rms = float(x.pow(2).mean().sqrt()) or 1.0
+                gen.manual_seed(tensor_seed(seed, name))
+                noise = torch.randn(x.shape, generator=gen) * (scale * rms)
+                if density < 1.0:
+                    noise *= bernoulli_keep(x.shape, density, tensor_seed(seed, name, "mask"))
+                t = (x + noise).to(t.dtype)
+            w.write(name, t)
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                w.copy_file(f)
+        w.commit()
+    ck.close()
+    return dst
+
+
+def make_llama_like_big(path: str | Path, *, hidden: int, intermediate: int, layers: int, heads: int,
+                        kv_heads: int, vocab: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                        shard_size: str | int = "2GB") -> Path:
+    """A Llama-shaped checkpoint of any size, written tensor by tensor (never whole in memory).
+
+    Weights are seeded normal(0, 0.02); norms are ones. ``config.json`` is a
+    real LlamaConfig, so transformers loads the result.
+    """
+    from transformers import LlamaConfig
+
+    from moerge.io.writer import ModelWriter, parse_size
+
+    path = Path(path)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      tie_word_embeddings=False)
+    head = hidden // heads
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_heads * head, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_heads * head, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+            (p + "mlp.up_proj.weight", (intermediate, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, intermediate)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    dname = str(dtype).removeprefix("torch.")
+    gen = torch.Generator()
+    from moerge.methods.sparsify import tensor_seed
+
+    with ModelWriter(path, [(n, dname, s) for n, s in shapes], shard_size=parse_size(shard_size),
+                     force=True) as w:
+        for name, shape in shapes:
+            if len(shape) == 1:
+                t = torch.ones(shape, dtype=dtype)
+            else:
+                gen.manual_seed(tensor_seed(seed, name))
+                t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+            w.write(name, t)
+        d = cfg.to_dict()
+        d["torch_dtype"] = dname
+        d["architectures"] = ["LlamaForCausalLM"]
+        w.write_text("config.json", json.dumps(d, indent=2))
+        w.commit()
+    return path
+
+
+def param_count(hidden: int, intermediate: int, layers: int, kv_heads: int, heads: int, vocab: int) -> int:
+    head = hidden // heads
+    per_layer = 2 * hidden + 2 * hidden * hidden + 2 * kv_heads * head * hidden + 3 * hidden * intermediate
+    return 2 * vocab * hidden + hidden + layers * per_layer
+
+
+def copy_model(src: str | Path, dst: str | Path) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def rms(t: torch.Tensor) -> float:
+    return math.sqrt(float(t.float().pow(2).mean()))
