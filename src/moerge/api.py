@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moerge import __version__
 from moerge.recipe import LoadedRecipe, Recipe, load_recipe
@@ -187,7 +188,6 @@ def diff(base: str | os.PathLike[str], other: str | os.PathLike[str], *, allow_p
 
     Returns the diffs of shared tensors, and the names only in base / only in other.
     """
-    import torch
 
     from moerge.errors import PlanError
     from moerge.io.checkpoint import Checkpoint

@@ -7,7 +7,8 @@ that ``moerge --help`` answers at once.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -74,7 +75,14 @@ def _progress(total_label: str, quiet: bool):  # noqa: ANN202
     """A rich progress bar on stderr (only when stderr is a terminal and not --quiet)."""
     if quiet or not sys.stderr.isatty():
         return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"),

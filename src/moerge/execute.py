@@ -13,9 +13,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -47,6 +48,9 @@ def resolve_device(device: str | None) -> torch.device:
 class _Loader:
     def __init__(self, plan: Plan, device: torch.device, allow_nonfinite: bool) -> None:
         self.plan = plan
+        # mergekit's `dtype:` is the dtype tensors are cast to on load; reproduce that rounding
+        rec = plan.recipe
+        self.load_dtype = getattr(torch, rec.dtype) if rec.conventions == "mergekit" and rec.dtype else None
         self.device = device
         self.allow_nonfinite = allow_nonfinite
         self.bytes_read = 0
@@ -59,7 +63,10 @@ class _Loader:
         return t
 
     def compute(self, ref: InputRef, item: WorkItem) -> torch.Tensor:
-        t = self.raw(ref).to(self.device, non_blocking=True).to(COMPUTE_DTYPE)
+        t = self.raw(ref).to(self.device, non_blocking=True)
+        if self.load_dtype is not None and t.dtype != self.load_dtype:
+            t = t.to(self.load_dtype)
+        t = t.to(COMPUTE_DTYPE)
         if not self.allow_nonfinite and not bool(torch.isfinite(t).all()):
             ck = self.plan.checkpoints[ref.model]
             bad = int((~torch.isfinite(t)).sum())

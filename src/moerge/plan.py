@@ -20,8 +20,7 @@ from moerge.io.safetensors_format import tensor_nbytes
 from moerge.methods import MergeMethod, get_method
 from moerge.methods.sparsify import tensor_seed
 from moerge.recipe.loader import LoadedRecipe
-from moerge.recipe.params import (NOT_SET, check_shape, evaluate, is_pre_layer, layer_index,
-                                  with_layer_index)
+from moerge.recipe.params import NOT_SET, check_shape, evaluate, is_pre_layer, layer_index, with_layer_index
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # mergekit-only parameters that change nothing in moerge's arithmetic
@@ -135,6 +134,11 @@ class _Planner:
                     f"{where}: {self.method.name} has no parameter {key!r}{did_you_mean(key, names)}",
                     hint=f"its parameters are: {known} (see `moerge methods {self.method.name}`)",
                 )
+            if self.loaded.format == "mergekit" and not p.in_mergekit:
+                self.warnings.append(
+                    f"{where}: mergekit ignores {key!r} for {self.method.name}; moerge applies it, so "
+                    "the result will differ from mergekit's"
+                )
             if per_model and not p.per_model:
                 raise PlanError(
                     f"{where}: {key!r} is a global parameter of {self.method.name}; set it under "
@@ -210,7 +214,7 @@ class _Planner:
 
     def _position(self, name: str, layer: int | None, n_layers: int | None) -> float:
         if layer is not None and n_layers:
-            return layer / (n_layers - 1) if n_layers > 1 else 0.0
+            return layer / (n_layers - 1) if n_layers > 1 else 1.0
         if self.recipe.conventions == "mergekit":
             return 0.0  # mergekit evaluates gradients at t=0 for every tensor outside the blocks
         return 0.0 if is_pre_layer(name) else 1.0
@@ -289,6 +293,13 @@ class _Planner:
                     hint="all models must share the base model's architecture",
                 )
             other = ck.info(tname).shape
+            ref_float = ref.info(name).dtype in FLOAT_DTYPES
+            if ref_float != (ck.info(tname).dtype in FLOAT_DTYPES):
+                raise PlanError(
+                    f"dtype mismatch in {tname!r}: {ref.info(name).dtype} in {ref.ref} "
+                    f"({ref.info(name).file}) but {ck.info(tname).dtype} in {ck.ref} ({ck.info(tname).file})",
+                    hint="floating-point tensors can only be merged with floating-point tensors",
+                )
             if other == shape:
                 continue
             same_tail = len(other) == len(shape) and other[1:] == shape[1:]
@@ -362,7 +373,7 @@ class _Planner:
             if not templates:
                 raise PlanError(f"{lead.model}: no tensors found for layer {lead.layer_range[0]}")
             for off in range(length):
-                t = off / (length - 1) if length > 1 else 0.0
+                t = off / (length - 1) if length > 1 else 1.0
                 for tmpl in templates:
                     out_name = with_layer_index(tmpl, out_layer + off)
                     lead_name = with_layer_index(tmpl, lead.layer_range[0] + off)
@@ -371,8 +382,9 @@ class _Planner:
                     self._check_inputs(lead_name, lead_idx, experts, info.shape, in_names)
                     levels_g = [(sl.parameters, ("slices", si, "parameters")), (r.parameters, ("parameters",))]
                     gparams = self.resolve(levels_g, out_name, t, per_model=False)
+                    # per-model parameters match the model's own (input) tensor name, as in mergekit
                     mparams = [self.resolve([(s.parameters, ("slices", si, "sources", k, "parameters"))] + levels_g,
-                                            out_name, t, per_model=True) for k, s in srcs]
+                                            nm, t, per_model=True) for (k, s), nm in zip(srcs, in_names)]
                     items.append(self._item(out_name, info, out_dtype,
                                             InputRef(lead_idx, lead_name) if base_src else None,
                                             [InputRef(x, nm) for x, nm in zip(experts, in_names)],

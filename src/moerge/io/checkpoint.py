@@ -105,7 +105,7 @@ class Checkpoint:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> "Checkpoint":
+    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
         path = resolve_reference(ref)
         root = path if path.is_dir() else path.parent
         if path.is_file():
@@ -144,7 +144,7 @@ class Checkpoint:
         return paths
 
     @classmethod
-    def _from_safetensors(cls, ref: str, root: Path, files: list[Path]) -> "Checkpoint":
+    def _from_safetensors(cls, ref: str, root: Path, files: list[Path]) -> Checkpoint:
         infos: dict[str, TensorInfo] = {}
         readers: dict[Path, Any] = {}
         for f in files:
@@ -157,7 +157,7 @@ class Checkpoint:
         return cls(ref, root, infos, readers)
 
     @classmethod
-    def _from_pickle(cls, ref: str, root: Path, files: list[Path], allow_pickle: bool) -> "Checkpoint":
+    def _from_pickle(cls, ref: str, root: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
         if not allow_pickle:
             raise CheckpointError(
                 f"{files[0]}: is a pickled PyTorch checkpoint; moerge does not unpickle files unless asked",
@@ -216,7 +216,7 @@ class Checkpoint:
                     raise CheckpointError(f"{p}: invalid JSON ({e})") from e
         return self._config
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> "torch.Tensor":
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Read one tensor (or a flat element range of it) into memory in its stored dtype."""
         info = self.info(name)
         reader = self._readers[info.file]

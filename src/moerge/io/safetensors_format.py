@@ -157,7 +157,7 @@ class SafetensorsReader:
         except Exception:
             pass
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> "torch.Tensor":
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Read tensor ``name`` (or elements ``[start, start+count)`` of it, flattened)."""
         import torch
 

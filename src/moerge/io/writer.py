@@ -165,7 +165,7 @@ class ModelWriter:
             self._guard(os.fsync, f.fileno())
             f.close()
 
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
+    def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor (already in its output dtype and shape, on the CPU)."""
         expected = self._order[self._next] if self._next < len(self._order) else None
         if name != expected:
@@ -227,7 +227,7 @@ class ModelWriter:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 self._closed = True
 
-    def __enter__(self) -> "ModelWriter":
+    def __enter__(self) -> ModelWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001

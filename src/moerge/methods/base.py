@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 CONVENTIONS = ("paper", "mergekit")
 
@@ -52,6 +53,7 @@ class Param:
     defaults: dict[str, Any] = field(default_factory=dict)
     arg: str | None = None  # Python keyword when the name is reserved (lambda)
     gradient: bool = True  # may be given as a list interpolated across layers
+    in_mergekit: bool = True  # mergekit 0.1.5 reads this parameter for this method (else: it ignores it)
 
     @property
     def kwarg(self) -> str:

@@ -8,7 +8,7 @@ accumulators and one boolean mask per model (never all task vectors in fp32).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

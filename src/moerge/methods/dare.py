@@ -21,7 +21,7 @@ DARE_PARAMS = (
     Param("rescale", bool, True, "rescale the kept entries so the task vector keeps its size"),
     Param("rescale_norm", str, "inverse_density", "divide by the density (paper, PEFT, "
           "FusionBench) or match the L1 norm of the original task vector per tensor (mergekit)",
-          choices=RESCALE_NORM, defaults={"mergekit": "l1"}, gradient=False),
+          choices=RESCALE_NORM, defaults={"mergekit": "l1"}, gradient=False, in_mergekit=False),
 )
 
 

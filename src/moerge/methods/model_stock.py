@@ -37,7 +37,9 @@ def model_stock(base: torch.Tensor, models: list[torch.Tensor], *, filter_wise: 
         cos += torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-8)
     cos /= n * (n - 1) / 2
     cos.clamp_(-1.0, 1.0)
-    t = (n * cos) / (1.0 + (n - 1) * cos)
+    denom = 1.0 + (n - 1) * cos
+    # cos = −1/(N−1) makes the ratio blow up; keep the base there (as mergekit does)
+    t = torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), (n * cos) / torch.where(denom.abs() < 1e-6, 1.0, denom))
     mean = torch.zeros_like(base)
     for m in models:
         mean.add_(m)

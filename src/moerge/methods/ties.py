@@ -15,15 +15,15 @@ TRIM_SCOPE = ("model", "tensor")
 TIES_CONVENTIONS = (
     Param("trim_scope", str, "model", "trim over the whole task vector of each model (TIES "
           "reference code) or per tensor (mergekit, PEFT)", choices=TRIM_SCOPE,
-          defaults={"mergekit": "tensor"}, gradient=False),
+          defaults={"mergekit": "tensor"}, gradient=False, in_mergekit=False),
     Param("sign_election", str, "unweighted", "elect signs from the trimmed task vectors "
           "(paper, PEFT) or from the weighted ones (mergekit)", choices=SIGN_ELECTION,
-          defaults={"mergekit": "weighted"}, gradient=False),
+          defaults={"mergekit": "weighted"}, gradient=False, in_mergekit=False),
     Param("consensus_method", str, "sum", "sign election by summed values ('mass' in the paper) "
-          "or by counting signs", choices=CONSENSUS, gradient=False),
+          "or by counting signs", choices=CONSENSUS, gradient=False, in_mergekit=False),
     Param("divisor", str, "count", "disjoint mean divides by the number of agreeing models "
           "(paper, PEFT) or by their summed weight (mergekit)", choices=DIVISOR,
-          defaults={"mergekit": "weight_sum"}, gradient=False),
+          defaults={"mergekit": "weight_sum"}, gradient=False, in_mergekit=False),
 )
 
 

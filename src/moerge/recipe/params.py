@@ -64,7 +64,7 @@ def interpolate(values: list[Any], t: float) -> Any:
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     pos = min(max(t, 0.0), 1.0) * (len(values) - 1)
     if not numeric:
-        return values[min(int(round(pos)), len(values) - 1)]
+        return values[min(int(pos), len(values) - 1)]
     i = min(int(pos), len(values) - 2)
     frac = pos - i
     return float(values[i]) * (1.0 - frac) + float(values[i + 1]) * frac

@@ -66,7 +66,7 @@ class Slice(_Strict):
     residual_weight: float | None = Field(default=None, description="mergekit schema key; unused there too")
 
     @model_validator(mode="after")
-    def _same_lengths(self) -> "Slice":
+    def _same_lengths(self) -> Slice:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
             raise ValueError(f"every source of a slice must span the same number of layers, got {sorted(lengths)}")
@@ -121,7 +121,7 @@ class Recipe(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _shape(self) -> "Recipe":
+    def _shape(self) -> Recipe:
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install moerge for development on a fresh machine (CPU by default).
+# torch is pinned here, not in the package: a loose torch requirement on a machine without torch
+# pulls a multi-GB CUDA build, while torch==2.13.0 resolves to the local CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch 2.13.0 (CPU)"
+    "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[test]"
+echo "setup: moerge $("$PY" -c 'import moerge; print(moerge.__version__)') ready (torch $("$PY" -c 'import torch; print(torch.__version__)'))"

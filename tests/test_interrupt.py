@@ -1,0 +1,84 @@
+"""A merge killed or interrupted half way leaves nothing at the output path that looks like a model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import recipe
+
+# Runs the real CLI with each tensor's computation slowed down, so we can stop it mid-merge.
+SLOW_CLI = """
+import sys, time
+import moerge.execute as ex
+real = ex._compute
+def slow(*a, **k):
+    time.sleep(0.15)
+    return real(*a, **k)
+ex._compute = slow
+from moerge.cli import main
+sys.argv = ["moerge"] + sys.argv[1:]
+main()
+"""
+
+
+def start_merge(llama, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe("ties", llama["base"], [llama["ft1"], llama["ft2"]])))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "merge", str(tmp_path / "r.yaml"), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        tmp = [p for p in tmp_path.iterdir() if ".moerge-tmp-" in p.name]
+        if tmp and any(tmp[0].iterdir()):
+            return proc, out
+        if proc.poll() is not None:
+            pytest.fail(f"merge ended early: {proc.stderr.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("merge never started writing")
+
+
+def test_sigkill_leaves_no_output(llama, tmp_path):
+    proc, out = start_merge(llama, tmp_path)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if ".moerge-tmp-" in p.name]
+    assert leftovers and all(p.name.startswith(".") for p in leftovers)  # hidden, not a model path
+    # the next merge to the same output cleans the dead process's temporary directory
+    from moerge.io.writer import clean_stale_temp_dirs
+
+    assert clean_stale_temp_dirs(out) == leftovers
+
+
+def test_ctrl_c_removes_partial_output(llama, tmp_path):
+    proc, out = start_merge(llama, tmp_path)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".moerge-tmp-" in p.name]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_existing_output_survives_a_killed_forced_merge(llama, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("previous model")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe("ties", llama["base"], [llama["ft1"], llama["ft2"]])))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "merge", "--force", str(tmp_path / "r.yaml"),
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2.5)
+    proc.kill()
+    proc.wait()
+    assert (tmp_path / "out" / "keep.txt").read_text() == "previous model"
