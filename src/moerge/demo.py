@@ -127,7 +127,7 @@ def run_demo(out_dir: str | Path, *, method: str = "ties", force: bool = False, 
         echo(f"{name:<{width}}  " + "  ".join(f"{table[name][t]:>9.3f}" for t in TASKS))
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     echo("\nthe merged model continues each task's prompt:")
-    for task, text in TASKS.items():
+    for text in TASKS.values():
         prompt = " ".join(text.split()[:3])
         ids = tok(prompt, return_tensors="pt").input_ids
         gen = merged.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)

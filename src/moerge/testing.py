@@ -69,7 +69,7 @@ def perturb(src: str | Path, dst: str | Path, *, scale: float = 0.05, seed: int 
     tensors = [(n, i.dtype, i.shape) for n, i in ck.infos.items()]
     with ModelWriter(dst, tensors, shard_size=parse_size(shard_size), force=True) as w:
         gen = torch.Generator()
-        for name, dtype, _shape in tensors:
+        for name, _dtype, _shape in tensors:
             t = ck.read(name)
             if t.is_floating_point() and t.numel():
                 x = t.float()

@@ -125,7 +125,7 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         entries[name] = TensorEntry(name, torch_name, shape, data_start + begin, data_start + end)
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
     if not isinstance(metadata, dict):

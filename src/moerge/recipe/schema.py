@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # A parameter value: a scalar, a gradient (list interpolated across layers) or a
 # list of {filter, value} conditions (first matching filter wins).
-ParamValue = Union[float, int, bool, str, list[Any]]
+ParamValue = Union[float, int, bool, str, list[Any]]  # noqa: UP007 - pydantic needs a runtime union
 
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
