@@ -18,11 +18,11 @@ from conftest import recipe
 SLOW_CLI = """
 import sys, time
 import moerge.execute as ex
-real = ex._compute
+real = ex._merge_item
 def slow(*a, **k):
     time.sleep(0.15)
     return real(*a, **k)
-ex._compute = slow
+ex._merge_item = slow
 from moerge.cli import main
 sys.argv = ["moerge"] + sys.argv[1:]
 main()

@@ -8,12 +8,27 @@ import pytest
 import torch
 
 from moerge.methods import get_method
-from moerge.methods.sparsify import breadcrumbs_counts, magnitude_mask, rank_window_mask, top_mask
+from moerge.methods.blocks import RankSelect, RankWindowMask
+from moerge.methods.sparsify import breadcrumbs_counts, topk_window
 
 T = torch.tensor
 
 
-def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, extra=None, **params):
+def window_mask(values: torch.Tensor, lo: int, hi: int, block: int = 1 << 20) -> torch.Tensor:
+    """Run RankWindowMask over ``values`` in blocks of ``block`` elements."""
+    w = RankWindowMask(values.numel(), lo, hi)
+    flat = values.reshape(-1)
+    ranges = [(s, min(flat.numel(), s + block)) for s in range(0, flat.numel(), block)]
+    for p in range(w.passes):
+        for s, e in ranges:
+            w.observe(p, flat[s:e])
+        w.end_pass(p)
+    if w.select is None:
+        return torch.ones_like(flat, dtype=torch.bool)
+    return torch.cat([w.mask(flat[s:e]) for s, e in ranges])
+
+
+def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, extra=None, block=None, **params):
     """Call a registered method with its defaults for ``conventions``, overridden by ``params``."""
     m = get_method(name)
     g, per = {}, [{} for _ in models]
@@ -24,7 +39,7 @@ def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, e
                 per[i][p.name] = vals[i] if isinstance(vals, list) else vals
         else:
             g[p.name] = params.get(p.name, p.default_for(conventions))
-    return m(base, list(models), per, g, seed=seed, **(extra or {}))
+    return m(base, list(models), per, g, seed=seed, block=block, **(extra or {}))
 
 
 def test_linear_weighted_normalized():
@@ -185,16 +200,33 @@ def test_passthrough_scale():
     assert torch.equal(run("passthrough", None, [T([1.0, -2.0])], scale=0.5), T([0.5, -1.0]))
 
 
-def test_top_mask_breaks_ties_by_position_exactly():
+def test_rank_window_top_k_breaks_ties_by_position_exactly():
     x = T([1.0, 2.0, 2.0, 2.0, 0.5])
-    m = top_mask(x, 2)
-    assert m.tolist() == [False, False, True, True, False]
-    assert int(magnitude_mask(T([-3.0, 1.0, 2.0, -0.5]), 0.5).sum()) == 2
+    assert window_mask(x, *topk_window(5, 0.4)).tolist() == [False, False, True, True, False]
+    # the same across block boundaries
+    assert window_mask(x, *topk_window(5, 0.4), block=2).tolist() == [False, False, True, True, False]
+    assert int(window_mask(T([3.0, 1.0, 2.0, 0.5]), *topk_window(4, 0.5)).sum()) == 2
 
 
-def test_rank_window_mask():
-    x = T([5.0, -1.0, 3.0, 2.0, -4.0])
-    assert rank_window_mask(x, 1, 1).tolist() == [False, False, True, True, True]
+def test_rank_window_drops_both_ends():
+    x = T([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert window_mask(x, 1, 4).tolist() == [False, False, True, True, True]
+
+
+def test_rank_select_exact_order_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10000, generator=g).abs()
+    x[::7] = 0.25  # many exact ties
+    sel = RankSelect([0, 17, 5000, 9999])
+    for p in range(2):
+        for s in range(0, x.numel(), 999):
+            sel.observe(p, x[s:s + 999])
+        sel.end_pass(p)
+    ordered = torch.sort(x).values
+    for k, r in enumerate([0, 17, 5000, 9999]):
+        v = float(ordered[r])
+        assert sel.value[k] == v
+        assert sel.less[k] == int((x < v).sum()) and sel.equal[k] == int((x == v).sum())
 
 
 def test_global_trim_threshold_matches_concatenated_kthvalue():
@@ -202,13 +234,14 @@ def test_global_trim_threshold_matches_concatenated_kthvalue():
 
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(s, generator=g) for s in (37, 1000, 4096)]
-    bases = [torch.zeros_like(t) for t in tensors]
     density = 0.2
-    pre = GlobalTrimThreshold({})
+    pre = GlobalTrimThreshold()
     for p in range(pre.passes):
-        for i, (b, t) in enumerate(zip(bases, tensors)):
-            pre.update(p, f"t{i}", b, [t, 2 * t], [{"density": density}, {"density": 1.0}])
-        pre.finish_pass(p)
+        for i, t in enumerate(tensors):
+            for s in range(0, t.numel(), 512):
+                blk = t[s:s + 512]
+                pre.observe(p, f"t{i}", s, torch.zeros_like(blk), [blk, 2 * blk], [{"density": density}, {"density": 1.0}])
+        pre.end_pass(p)
     allv = torch.cat([t.abs() for t in tensors])
     k = allv.numel() - int(allv.numel() * density)
     assert pre.result()["thresholds"][0] == float(torch.kthvalue(allv, k).values)

@@ -78,16 +78,34 @@ def test_dare_keeps_about_density_and_preserves_expectation(seed, p, conventions
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 300), seed=seeds, d=st.floats(0.05, 1.0))
-def test_magnitude_trim_keeps_exactly_k_largest(n, seed, d):
-    from moerge.methods.sparsify import magnitude_mask
+@given(n=st.integers(2, 300), seed=seeds, d=st.floats(0.05, 1.0), block=st.integers(1, 64))
+def test_magnitude_trim_keeps_exactly_k_largest(n, seed, d, block):
+    from moerge.methods.sparsify import topk_window
+    from test_methods_values import window_mask
 
-    x = tensor(n, seed)
-    m = magnitude_mask(x, d)
+    x = tensor(n, seed).abs()
+    x[::3] = x[0]  # exact ties
+    m = window_mask(x, *topk_window(n, d), block=block)
     k = n if d >= 1 else max(1, int(d * n))
     assert int(m.sum()) == k
     if k < n:
-        assert float(x.abs()[m].min()) >= float(x.abs()[~m].max())
+        assert float(x[m].min()) >= float(x[~m].max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 40), seed=seeds, block=st.integers(1, 100), conventions=conv,
+       method=st.sampled_from(ALL_WITH_BASE + ["linear", "passthrough"]))
+def test_result_does_not_depend_on_block_size(rows, cols, seed, block, conventions, method):
+    base = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    k = 1 if method in ("slerp", "passthrough") else 3
+    models = [base + torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + i + 1)) for i in range(k)]
+    kw = {"density": [0.4] * k} if method in GTA else {}
+    if method == "model_stock":
+        kw = {"filter_wise": bool(seed % 2)}
+    b = None if method in ("linear", "passthrough") else base
+    whole = run(method, b, models, conventions=conventions, **kw)
+    blocked = run(method, b, models, conventions=conventions, block=block, **kw)
+    assert torch.equal(whole, blocked)
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,11 +1,12 @@
-"""Execution: stream the plan tensor by tensor through the method into the writer.
+"""Execution: stream the plan tensor by tensor, block by block, into the writer.
 
-Three stages overlap: a small pool of reader threads loads the inputs of the
-next tensors (``os.preadv`` releases the GIL), the calling thread computes in
-float32 on the chosen device (torch uses every core for the arithmetic), and a
-writer thread appends finished tensors to the output shard. Queues between the
-stages are short, so at most a few tensors' inputs are in memory at once,
-whatever the model size.
+Worker threads each take one output tensor: read its inputs (``os.preadv``,
+which releases the GIL), run the method's statistics passes and output pass
+over blocks of about a million elements in float32 (so temporaries stay small
+and in cache), and round the result to the output dtype. The calling thread
+hands finished tensors, in plan order, to a writer thread. A byte budget bounds
+how many tensors are in flight, so peak memory is a small multiple of the
+largest tensor's inputs, whatever the model size.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.writer import ModelWriter
+from moerge.methods.blocks import BLOCK, block_ranges
 from moerge.plan import InputRef, Plan, WorkItem
 
 COMPUTE_DTYPE = torch.float32
@@ -42,17 +44,30 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PlanError(f"device {device!r} requested but CUDA is not available here")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise PlanError(f"unknown device {device!r} ({e})") from None
 
 
-class _Loader:
+@dataclass
+class _Inputs:
+    """One work item's input tensors: raw (stored dtype), flat, on the compute device."""
+
+    item: WorkItem
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+    refs: list[InputRef]  # base first (if any), then models, for error messages
+
+
+class _Reader:
     def __init__(self, plan: Plan, device: torch.device, allow_nonfinite: bool) -> None:
         self.plan = plan
-        # mergekit's `dtype:` is the dtype tensors are cast to on load; reproduce that rounding
-        rec = plan.recipe
-        self.load_dtype = getattr(torch, rec.dtype) if rec.conventions == "mergekit" and rec.dtype else None
         self.device = device
         self.allow_nonfinite = allow_nonfinite
+        rec = plan.recipe
+        # mergekit's `dtype:` is the dtype tensors are cast to on load; reproduce that rounding
+        self.load_dtype = getattr(torch, rec.dtype) if rec.conventions == "mergekit" and rec.dtype else None
         self.bytes_read = 0
         self._lock = threading.Lock()
 
@@ -62,78 +77,126 @@ class _Loader:
             self.bytes_read += t.numel() * t.element_size()
         return t
 
-    def compute(self, ref: InputRef, item: WorkItem) -> torch.Tensor:
-        t = self.raw(ref).to(self.device, non_blocking=True)
-        if self.load_dtype is not None and t.dtype != self.load_dtype:
-            t = t.to(self.load_dtype)
-        t = t.to(COMPUTE_DTYPE)
-        if not self.allow_nonfinite and not bool(torch.isfinite(t).all()):
-            ck = self.plan.checkpoints[ref.model]
-            bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(
-                f"tensor {ref.tensor!r} in {ck.ref} ({ck.info(ref.tensor).file}) holds {bad} NaN/Inf "
-                "value(s)", hint="fix the checkpoint, or pass --allow-nonfinite to merge anyway",
-            )
+    def _input(self, ref: InputRef, item: WorkItem) -> torch.Tensor:
+        t = self.raw(ref)
         if item.row_fix and t.shape[0] != item.shape[0]:
             t = self._fix_rows(t, item)
-        return t
+        if self.load_dtype is not None and t.dtype != self.load_dtype:
+            t = t.to(self.load_dtype)
+        return t.to(self.device, non_blocking=True).reshape(-1)
 
     def _fix_rows(self, t: torch.Tensor, item: WorkItem) -> torch.Tensor:
         rows = item.shape[0]
         if t.shape[0] > rows:
             return t[:rows].contiguous()
         ref = item.base or item.inputs[0]
-        filler = self.raw(InputRef(ref.model, ref.tensor)).to(self.device).to(COMPUTE_DTYPE)
-        out = filler[:rows].clone()
+        out = self.raw(ref)[:rows].to(t.dtype).clone()
         out[: t.shape[0]] = t
         return out
 
-    def load(self, item: WorkItem) -> tuple[Any, ...]:
-        if item.copy_from is not None:
-            return ("copy", self.raw(item.copy_from))
-        base = self.compute(item.base, item) if item.base is not None else None
-        models = [self.compute(r, item) for r in item.inputs]
-        return ("merge", base, models)
+    def load(self, item: WorkItem) -> _Inputs:
+        base = self._input(item.base, item) if item.base is not None else None
+        models = [self._input(r, item) for r in item.inputs]
+        refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+        return _Inputs(item, base, models, refs)
+
+    def blocks(self, inp: _Inputs, s: int, e: int, check: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        base = inp.base[s:e].to(COMPUTE_DTYPE) if inp.base is not None else None
+        models = [m[s:e].to(COMPUTE_DTYPE) for m in inp.models]
+        if check and not self.allow_nonfinite:
+            for ref, t in zip(inp.refs, ([base] if base is not None else []) + models):
+                # NaN propagates through amax/amin and ±Inf shows there: two reductions, no mask
+                lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
+                if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                    ck = self.plan.checkpoints[ref.model]
+                    first = s + int((~torch.isfinite(t)).nonzero()[0, 0])
+                    raise NonFiniteError(
+                        f"tensor {ref.tensor!r} in {ck.ref} ({ck.info(ref.tensor).file}) holds NaN/Inf "
+                        f"(first at flat index {first})",
+                        hint="fix the checkpoint, or pass --allow-nonfinite to merge anyway",
+                    )
+        return base, models
 
 
-def _run_prepass(plan: Plan, loader: _Loader, progress: ProgressFn | None) -> dict[str, Any]:
+def _item_cost(plan: Plan, item: WorkItem) -> int:
+    ref_bytes = 0
+    for r in ([item.base] if item.base is not None else []) + list(item.inputs) + (
+            [item.copy_from] if item.copy_from is not None else []):
+        info = plan.checkpoints[r.model].info(r.tensor)
+        ref_bytes += info.numel * torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
+    return ref_bytes + item.nbytes
+
+
+def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, Any], block: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    if item.copy_from is not None:
+        return reader.raw(item.copy_from), {}
+    inp = reader.load(item)
+    notes: dict[str, Any] = {}
+    numel = inp.models[0].numel()
+    try:
+        merger = plan.method.build(item.shape, item.model_params, item.params, seed=item.seed, notes=notes, **extra)
+    except ValueError as e:
+        raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {e}") from None
+    ranges = block_ranges(numel, item.shape, block, merger.row_aligned)
+    first = True
+    for p in range(merger.passes):
+        for s, e in ranges:
+            merger.observe(p, s, *reader.blocks(inp, s, e, first))
+        merger.end_pass(p)
+        first = False
+    out = torch.empty(numel, dtype=getattr(torch, item.dtype))
+    for s, e in ranges:
+        blk = merger.emit(s, *reader.blocks(inp, s, e, first))
+        if not bool(torch.isfinite(blk).all()):
+            raise NonFiniteError(f"{plan.method.name} produced NaN/Inf in tensor {item.name!r} from finite inputs",
+                                 hint="check the recipe's parameters (e.g. weights summing to zero)")
+        out[s:e] = blk.to(out.dtype).cpu()
+    return out.view(item.shape), notes
+
+
+def _run_prepass(plan: Plan, reader: _Reader, block: int) -> dict[str, Any]:
     make = plan.method.prepass
-    if make is None:
-        return {}
-    prepass = make(plan.items[0].params if plan.items else {})
+    items = [i for i in plan.items if i.copy_from is None]
+    prepass = make(items[0].params) if make is not None and items else None
     if prepass is None:
         return {}
-    merge_items = [i for i in plan.items if i.copy_from is None]
-    depth = 2
-    for p in range(prepass.passes):
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="moerge-prepass") as pool:
-            pending = [pool.submit(loader.load, it) for it in merge_items[:depth]]
-            for k, item in enumerate(merge_items):
-                fut = pending.pop(0)
-                if k + depth < len(merge_items):
-                    pending.append(pool.submit(loader.load, merge_items[k + depth]))
-                _prepass_step(prepass, p, item, fut)
-        prepass.finish_pass(p)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="moerge-prepass") as pool:
+        for p in range(prepass.passes):
+            pending = deque(pool.submit(reader.load, it) for it in items[:2])
+            for k, item in enumerate(items):
+                inp = pending.popleft().result()
+                if k + 2 < len(items):
+                    pending.append(pool.submit(reader.load, items[k + 2]))
+                for s, e in block_ranges(inp.models[0].numel(), item.shape, block, False):
+                    base, models = reader.blocks(inp, s, e, p == 0)
+                    try:
+                        prepass.observe(p, item.name, s, base, models, item.model_params)
+                    except ValueError as err:
+                        raise PlanError(str(err)) from None
+            prepass.end_pass(p)
     return prepass.result()
 
 
-def _prepass_step(prepass: Any, p: int, item: WorkItem, fut: Future[Any]) -> None:
-    _, base, models = fut.result()
-    try:
-        prepass.update(p, item.name, base, models, item.model_params)
-    except ValueError as e:
-        raise PlanError(str(e)) from None
-
-
 def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow_nonfinite: bool = False,
-            prefetch: int = 2, progress: ProgressFn | None = None) -> ExecStats:
-    """Run ``plan`` and stream every output tensor into ``writer`` (which is not committed here)."""
+            workers: int | None = None, block: int = BLOCK, memory_budget: int | None = None,
+            progress: ProgressFn | None = None) -> ExecStats:
+    """Run ``plan`` and stream every output tensor into ``writer`` (which is not committed here).
+
+    ``workers`` tensors are merged concurrently (default: 2 on CPU, 1 on CUDA);
+    ``memory_budget`` bounds the bytes of inputs and outputs in flight (default:
+    the largest tensor's, or 512 MB if more).
+    """
     dev = resolve_device(device)
-    loader = _Loader(plan, dev, allow_nonfinite)
+    reader = _Reader(plan, dev, allow_nonfinite)
     stats = ExecStats()
     t0 = time.perf_counter()
-    extra = _run_prepass(plan, loader, progress)
+    extra = _run_prepass(plan, reader, block)
     stats.prepass_seconds = time.perf_counter() - t0
+
+    items = plan.items
+    costs = [_item_cost(plan, i) for i in items]
+    budget = memory_budget or max(max(costs, default=0), 512 << 20)
+    n_workers = workers or (1 if dev.type == "cuda" else 2)
 
     out_q: queue.Queue[Any] = queue.Queue(maxsize=2)
     write_error: list[BaseException] = []
@@ -143,58 +206,48 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
             got = out_q.get()
             if got is None:
                 return
-            name, tensor = got
             if write_error:
                 continue
             try:
-                writer.write(name, tensor)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                writer.write(*got)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
                 write_error.append(e)
 
     wthread = threading.Thread(target=write_loop, name="moerge-writer", daemon=True)
     wthread.start()
     notes: dict[str, Any] = {}
-    items = plan.items
+    pending: deque[tuple[int, Future[Any]]] = deque()
+    inflight = 0
+    nxt = 0
     try:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="moerge-read") as pool:
-            pending: list[Future[Any]] = [pool.submit(loader.load, it) for it in items[:prefetch]]
-            for k, item in enumerate(items):
-                loaded = pending.pop(0).result()
-                if k + prefetch < len(items):
-                    pending.append(pool.submit(loader.load, items[k + prefetch]))
-                out = _compute(plan, item, loaded, extra, notes)
-                del loaded
-                if write_error:
-                    raise write_error[0]
-                out_q.put((item.name, out))
-                if progress is not None:
-                    progress(item, k)
-            for f in pending:
-                f.cancel()
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="moerge-merge") as pool:
+            try:
+                for k, item in enumerate(items):
+                    while nxt < len(items) and len(pending) < n_workers + 1 and (
+                            not pending or inflight + costs[nxt] <= budget):
+                        pending.append((nxt, pool.submit(_merge_item, plan, reader, items[nxt], extra, block)))
+                        inflight += costs[nxt]
+                        nxt += 1
+                    idx, fut = pending.popleft()
+                    out, item_notes = fut.result()
+                    inflight -= costs[idx]
+                    for key, val in item_notes.items():
+                        notes[key] = notes.get(key, 0) + val
+                    if write_error:
+                        raise write_error[0]
+                    out_q.put((item.name, out))
+                    if progress is not None:
+                        progress(item, k)
+            finally:
+                for _, f in pending:
+                    f.cancel()
     finally:
         out_q.put(None)
         wthread.join()
     if write_error:
         raise write_error[0]
     stats.seconds = time.perf_counter() - t0
-    stats.bytes_read = loader.bytes_read
+    stats.bytes_read = reader.bytes_read
     stats.bytes_written = writer.bytes_written
     stats.notes = notes
     return stats
-
-
-def _compute(plan: Plan, item: WorkItem, loaded: tuple[Any, ...], extra: dict[str, Any],
-             notes: dict[str, Any]) -> torch.Tensor:
-    if loaded[0] == "copy":
-        return loaded[1]
-    _, base, models = loaded
-    try:
-        out = plan.method(base, models, item.model_params, item.params, seed=item.seed, notes=notes, **extra)
-    except ValueError as e:
-        raise PlanError(f"{plan.method.name} failed on tensor {item.name!r}: {e}") from None
-    if tuple(out.shape) != item.shape:
-        out = out.reshape(item.shape)
-    if not bool(torch.isfinite(out).all()):
-        raise NonFiniteError(f"{plan.method.name} produced NaN/Inf in tensor {item.name!r} from finite inputs",
-                             hint="check the recipe's parameters (e.g. weights summing to zero)")
-    return out.to(getattr(torch, item.dtype)).cpu()

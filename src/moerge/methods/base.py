@@ -1,10 +1,11 @@
-"""What a merge method is: a pure per-tensor function plus a typed parameter schema.
+"""What a merge method is: a per-tensor merger factory plus a typed parameter schema.
 
-A method never opens a file. The executor hands it, for one output tensor, the
-base tensor (or None) and one tensor per input model, all in the compute dtype
-(float32) and on the compute device, together with parameters already resolved
-for that tensor (per-model parameters as lists, one value per model). It returns
-the merged tensor in the compute dtype.
+A method never opens a file. For one output tensor it receives the tensor's
+shape and its parameters, already resolved for that tensor (per-model
+parameters as lists, one value per model), and returns a
+:class:`~moerge.methods.blocks.TensorMerger`, which the executor feeds with
+blocks of the base tensor (or None) and of each model's tensor, in float32 on
+the compute device.
 
 Conventions that differ between reference implementations are ordinary
 parameters whose default depends on the *convention set* in force: ``paper``
@@ -124,14 +125,9 @@ class MergeMethod:
     def accepts(self) -> set[str]:
         return set(inspect.signature(self.fn).parameters)
 
-    def __call__(
-        self,
-        base: Any,
-        models: list[Any],
-        model_params: list[dict[str, Any]],
-        params: dict[str, Any],
-        **extra: Any,
-    ) -> Any:
+    def build(self, shape: tuple[int, ...], model_params: list[dict[str, Any]], params: dict[str, Any],
+              **extra: Any) -> Any:
+        """The :class:`~moerge.methods.blocks.TensorMerger` for one tensor of ``shape``."""
         kwargs: dict[str, Any] = {}
         for p in self.params:
             if p.per_model:
@@ -139,10 +135,17 @@ class MergeMethod:
             else:
                 kwargs[p.kwarg] = params[p.name]
         accepted = self.accepts
+        extra.setdefault("n_models", len(model_params))
         kwargs.update({k: v for k, v in extra.items() if k in accepted})
-        if "base" in accepted:
-            return self.fn(base, models, **kwargs)
-        return self.fn(models, **kwargs)
+        return self.fn(tuple(shape), **kwargs)
+
+    def __call__(self, base: Any, models: list[Any], model_params: list[dict[str, Any]],
+                 params: dict[str, Any], *, block: int | None = None, **extra: Any) -> Any:
+        """Merge whole in-memory tensors (float32); for tests and small merges."""
+        from moerge.methods.blocks import BLOCK, run_whole
+
+        merger = self.build(tuple(models[0].shape), model_params, params, **extra)
+        return run_whole(merger, base, list(models), block or BLOCK)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -160,7 +163,7 @@ def register(
     family: str = "",
     prepass: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a pure per-tensor merge function under ``name``."""
+    """Register a merger factory ``fn(shape, **params) -> TensorMerger`` under ``name``."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:

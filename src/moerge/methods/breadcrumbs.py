@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
-from moerge.methods.consensus import combine
-from moerge.methods.sparsify import breadcrumbs_counts, rank_window_mask
-from moerge.methods.ties import TIES_CONVENTIONS
+from moerge.methods.consensus import RankWindowSparsifier, Sparsifier, TaskVectorMerger
+from moerge.methods.sparsify import breadcrumbs_counts
+from moerge.methods.ties import TIES_CONVENTIONS, zero_sign_rule
 
 CITATION = ("Davari & Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with "
             "Sparse Masks (ECCV 2024, arXiv:2312.06795)")
@@ -21,20 +19,20 @@ BREADCRUMBS_PARAMS = (
 )
 
 
-def breadcrumbs_sparsifier(density: list[float], gamma: list[float]):
-    """Keep the entries ranked between the bottom (1−density−γ) and the top γ by magnitude.
+def breadcrumbs_sparsifiers(shape: tuple[int, ...], density: list[float], gamma: list[float]) -> list[Sparsifier]:
+    """Keep the entries ranked between the bottom (1 − density − γ) and the top γ by magnitude.
 
-    Unlike mergekit, a tensor too small for ⌊γn⌋ ≥ 1 drops no outlier and is
-    *not* zeroed (mergekit's slice ``[n_bot:-0]`` is empty).
+    A tensor too small for ⌊γn⌋ ≥ 1 drops no outlier and is *not* zeroed (older
+    mergekit releases zeroed it: their slice ``[n_bot:-0]`` was empty).
     """
-
-    def sparsify(i: int, d: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        n_bot, n_top = breadcrumbs_counts(d.numel(), density[i], gamma[i])
-        if n_bot == 0 and n_top == 0:
-            return None, 1.0
-        return rank_window_mask(d, n_bot, n_top), 1.0
-
-    return sparsify
+    n = 1
+    for d in shape:
+        n *= d
+    out: list[Sparsifier] = []
+    for d, g in zip(density, gamma):
+        n_bot, n_top = breadcrumbs_counts(n, d, g)
+        out.append(RankWindowSparsifier(n, n_bot, n - n_top) if n_bot or n_top else Sparsifier())
+    return out
 
 
 @register(
@@ -44,12 +42,11 @@ def breadcrumbs_sparsifier(density: list[float], gamma: list[float]):
     citation=CITATION,
     needs_base=True,
 )
-def breadcrumbs(base: torch.Tensor, models: list[torch.Tensor], *, weight: list[float],
-                density: list[float], gamma: list[float], lam: float, normalize: bool) -> torch.Tensor:
+def breadcrumbs(shape: tuple[int, ...], *, weight: list[float], density: list[float], gamma: list[float],
+                lam: float, normalize: bool) -> TaskVectorMerger:
     """θ₀ + λ·Σ wᵢ·window(τᵢ)."""
-    return combine(base, models, weight=weight, lam=lam,
-                   sparsify=breadcrumbs_sparsifier(density, gamma), consensus=None,
-                   normalize=normalize)
+    return TaskVectorMerger(weight=weight, lam=lam, normalize=normalize,
+                            sparsifiers=breadcrumbs_sparsifiers(shape, density, gamma))
 
 
 @register(
@@ -62,11 +59,10 @@ def breadcrumbs(base: torch.Tensor, models: list[torch.Tensor], *, weight: list[
     citation=CITATION,
     needs_base=True,
 )
-def breadcrumbs_ties(base: torch.Tensor, models: list[torch.Tensor], *, weight: list[float],
-                     density: list[float], gamma: list[float], lam: float, normalize: bool,
-                     sign_election: str, consensus_method: str, divisor: str) -> torch.Tensor:
+def breadcrumbs_ties(shape: tuple[int, ...], *, weight: list[float], density: list[float], gamma: list[float],
+                     lam: float, normalize: bool, sign_election: str, consensus_method: str,
+                     divisor: str) -> TaskVectorMerger:
     """θ₀ + λ·disjoint-merge(elect(window(τᵢ)))."""
-    return combine(base, models, weight=weight, lam=lam,
-                   sparsify=breadcrumbs_sparsifier(density, gamma), consensus=consensus_method,
-                   sign_election=sign_election, normalize=normalize, divisor=divisor,
-                   zero_sign="plus" if sign_election == "weighted" else "majority")
+    return TaskVectorMerger(weight=weight, lam=lam, sparsifiers=breadcrumbs_sparsifiers(shape, density, gamma),
+                            consensus=consensus_method, sign_election=sign_election, normalize=normalize,
+                            divisor=divisor, zero_sign=zero_sign_rule(sign_election))

@@ -1,112 +1,220 @@
-"""The shared core of TIES, DARE and Breadcrumbs: sparsify task vectors, elect signs, combine.
+"""The shared core of task arithmetic, TIES, DARE and Breadcrumbs.
 
-Each method supplies a *sparsifier* that turns model i's task vector into a
-keep-mask and a rescale factor; this module does the rest, touching one task
-vector at a time so that memory holds the inputs, one fp32 temporary, the
-accumulators and one boolean mask per model (never all task vectors in fp32).
+Each model's task vector τᵢ = θᵢ − θ₀ goes through a *sparsifier* (a keep-mask
+and a rescale factor, possibly after statistics passes of its own), then the
+sparsified task vectors are combined, with or without TIES sign election.
+Everything happens block by block, so memory holds one block per model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-Sparsifier = Callable[[int, torch.Tensor], tuple[torch.Tensor | None, float]]
+from moerge.methods.blocks import RankSelect, RankWindowMask, TensorMerger
+from moerge.methods.sparsify import bernoulli_keep_range, tensor_seed
 
 SIGN_ELECTION = ("unweighted", "weighted")
 CONSENSUS = ("sum", "count")
 DIVISOR = ("count", "weight_sum")
 
 
-def combine(
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    *,
-    weight: list[float],
-    lam: float,
-    sparsify: Sparsifier | None,
-    consensus: str | None,
-    sign_election: str = "unweighted",
-    normalize: bool = False,
-    divisor: str = "count",
-    zero_sign: str = "plus",
-) -> torch.Tensor:
+class Sparsifier:
+    """Keep everything (task arithmetic)."""
+
+    passes = 0
+    scale = 1.0
+
+    def observe(self, p: int, start: int, delta: torch.Tensor) -> None:
+        pass
+
+    def end_pass(self, p: int) -> None:
+        pass
+
+    def restart(self) -> None:
+        """Called before each pass that asks for masks block by block from the start."""
+
+    def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class RankWindowSparsifier(Sparsifier):
+    """Keep the entries whose magnitude rank lies in [lo, hi) (exact count; ties by position)."""
+
+    def __init__(self, n: int, lo: int, hi: int) -> None:
+        self.window = RankWindowMask(n, lo, hi)
+        self.passes = self.window.passes
+        self.lo, self.hi = lo, hi
+
+    def observe(self, p: int, start: int, delta: torch.Tensor) -> None:
+        self.window.observe(p, delta.abs())
+
+    def end_pass(self, p: int) -> None:
+        self.window.end_pass(p)
+
+    def restart(self) -> None:
+        self.window.seen_lo_eq = 0
+        self.window.seen_hi_eq = 0
+
+    def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
+        return self.window.mask(delta.abs())
+
+
+class ThresholdSparsifier(Sparsifier):
+    """Keep |τ| ≥ a threshold: given (from a whole-model pre-pass), or the k-th smallest |τ| of this tensor."""
+
+    def __init__(self, n: int, density: float, threshold: float | None) -> None:
+        self.threshold = threshold
+        self.select: RankSelect | None = None
+        if threshold is None:
+            k = max(n - int(n * density), 1)  # TIES reference: k-th smallest, k = n − ⌊n·density⌋
+            self.select = RankSelect([k - 1])
+            self.passes = 2
+
+    def observe(self, p: int, start: int, delta: torch.Tensor) -> None:
+        if self.select is not None:
+            self.select.observe(p, delta.abs())
+
+    def end_pass(self, p: int) -> None:
+        if self.select is not None:
+            self.select.end_pass(p)
+            if p == 1:
+                self.threshold = self.select.value[0]
+
+    def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
+        return delta.abs() >= self.threshold
+
+
+class DropSparsifier(Sparsifier):
+    """DARE: keep each entry with probability p (seeded by position), rescale by 1/p or by L1 norm."""
+
+    def __init__(self, n: int, density: float, seed: int, rescale: bool, rescale_norm: str) -> None:
+        self.n, self.density, self.seed = n, density, seed
+        self.scale = 1.0 / density if rescale and rescale_norm == "inverse_density" else 1.0
+        self.passes = 1 if rescale and rescale_norm == "l1" else 0
+        self.before = 0.0
+        self.after = 0.0
+
+    def _keep(self, start: int, delta: torch.Tensor) -> torch.Tensor:
+        return bernoulli_keep_range(start, start + delta.numel(), self.density, self.seed, delta.device)
+
+    def observe(self, p: int, start: int, delta: torch.Tensor) -> None:
+        keep = self._keep(start, delta)
+        a = delta.abs()
+        self.before += float(a.sum(dtype=torch.float64))
+        self.after += float((a * keep).sum(dtype=torch.float64))
+
+    def end_pass(self, p: int) -> None:
+        # mergekit's L1 matching; skipped when either norm is ~0
+        if self.before >= 1e-7 and self.after >= 1e-7:
+            self.scale = self.before / self.after
+
+    def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
+        return self._keep(start, delta)
+
+
+def drop_sparsifiers(n: int, density: list[float], seed: int, rescale: bool, rescale_norm: str) -> list[Sparsifier]:
+    return [Sparsifier() if p >= 1.0 else DropSparsifier(n, p, tensor_seed(seed, i), rescale, rescale_norm)
+            for i, p in enumerate(density)]
+
+
+class TaskVectorMerger(TensorMerger):
     """θ₀ + λ·merge of sparsified task vectors.
 
     Without ``consensus``: merged = Σ wᵢτ̂ᵢ (÷ Σ wᵢ when ``normalize``).
     With ``consensus`` (``sum`` or ``count``), TIES-style:
       1. elect γ = sign(Σᵢ cᵢ) per entry, where cᵢ = τ̂ᵢ (``unweighted``) or wᵢτ̂ᵢ
-         (``weighted``); with ``count`` the signs of cᵢ are summed instead.
-         An exact tie elects + (``zero_sign="plus"``), or the sign that wins over
-         the whole tensor (``"majority"``, the TIES reference code);
+         (``weighted``); with ``count`` the signs of the cᵢ are summed instead.
+         An exact tie elects + (``zero_sign="plus"``), or the sign elected most
+         often over the whole tensor (``"majority"``, as the TIES reference code
+         does over the whole model);
       2. keep entries whose cᵢ has sign γ (zeros never agree);
       3. merged = Σ agreeing wᵢτ̂ᵢ, divided (when ``normalize``) by the number of
          agreeing models (``divisor="count"``) or their summed weight
          (``"weight_sum"``), a zero divisor counting as 1.
     """
-    masks: list[torch.Tensor | None] = []
-    scales: list[float] = []
 
-    def task_vector(i: int) -> torch.Tensor:
-        d = models[i] - base
-        if masks[i] is not None:
-            d.mul_(masks[i])
-        if scales[i] != 1.0:
-            d.mul_(scales[i])
-        return d
+    def __init__(self, *, weight: list[float], lam: float, sparsifiers: list[Sparsifier],
+                 consensus: str | None = None, sign_election: str = "unweighted", normalize: bool = False,
+                 divisor: str = "count", zero_sign: str = "plus") -> None:
+        self.weight, self.lam, self.sparsifiers = weight, lam, sparsifiers
+        self.consensus, self.sign_election = consensus, sign_election
+        self.normalize, self.divisor = normalize, divisor
+        self.sparse_passes = max((s.passes for s in sparsifiers), default=0)
+        self.needs_majority = consensus is not None and zero_sign == "majority"
+        self.passes = self.sparse_passes + (1 if self.needs_majority else 0)
+        self.tie = 1.0
+        self.sign_count = 0.0
 
-    if consensus is None:
-        out = torch.zeros_like(base)
-        for i in range(len(models)):
-            d = models[i] - base
-            mask, scale = sparsify(i, d) if sparsify else (None, 1.0)
+    # statistics ----------------------------------------------------------------------------
+    def observe(self, p: int, start: int, base, models) -> None:  # noqa: ANN001
+        if p < self.sparse_passes:
+            for sp, m in zip(self.sparsifiers, models):
+                if p < sp.passes:
+                    sp.observe(p, start, m - base)
+            return
+        vote = self._vote(self._task_vectors(start, base, models))  # majority pass
+        self.sign_count += float(torch.sign(vote).sum(dtype=torch.float64))
+
+    def end_pass(self, p: int) -> None:
+        if p < self.sparse_passes:
+            for sp in self.sparsifiers:
+                if p < sp.passes:
+                    sp.end_pass(p)
+        else:
+            self.tie = -1.0 if self.sign_count < 0 else 1.0
+        if p == self.passes - 1 or p == self.sparse_passes - 1:
+            for sp in self.sparsifiers:
+                sp.restart()
+
+    # output ----------------------------------------------------------------------------------
+    def _task_vectors(self, start: int, base, models) -> list[torch.Tensor]:  # noqa: ANN001
+        out = []
+        for sp, m in zip(self.sparsifiers, models):
+            d = m - base
+            mask = sp.mask(start, d)
             if mask is not None:
                 d.mul_(mask)
-            out.add_(d, alpha=weight[i] * scale)
-        if normalize:
-            total = sum(weight)
-            out.div_(total if total != 0 else 1.0)
-        return base + lam * out
+            if sp.scale != 1.0:
+                d.mul_(sp.scale)
+            out.append(d)
+        return out
 
-    # pass 1: sparsify and vote
-    vote = torch.zeros_like(base)
-    for i in range(len(models)):
-        d = models[i] - base
-        mask, scale = sparsify(i, d) if sparsify else (None, 1.0)
-        masks.append(mask)
-        scales.append(scale)
-        if mask is not None:
-            d.mul_(mask)
-        sign_factor = weight[i] * scale if sign_election == "weighted" else scale
-        if consensus == "sum":
-            vote.add_(d, alpha=sign_factor)
-        else:
-            vote.add_(d.sign_(), alpha=1.0 if sign_factor >= 0 else -1.0)
-    elected = torch.sign(vote)
-    del vote
-    if zero_sign == "majority":
-        majority = torch.sign(elected.sum())
-        tie = 1.0 if majority == 0 else float(majority)
-    else:
-        tie = 1.0
-    elected[elected == 0] = tie
+    def _contribution_sign(self, i: int) -> float:
+        return -1.0 if self.sign_election == "weighted" and self.weight[i] < 0 else 1.0
 
-    # pass 2: disjoint merge of the agreeing entries
-    num = torch.zeros_like(base)
-    den = torch.zeros_like(base) if normalize else None
-    for i in range(len(models)):
-        d = task_vector(i)
-        sign_factor = weight[i] if sign_election == "weighted" else 1.0
-        s = d.sign()
-        if sign_factor < 0:
-            s.neg_()
-        agree = s == elected
-        d.mul_(agree)
-        num.add_(d, alpha=weight[i])
+    def _vote(self, tvs: list[torch.Tensor]) -> torch.Tensor:
+        vote = torch.zeros_like(tvs[0])
+        for i, d in enumerate(tvs):
+            if self.consensus == "sum":
+                vote.add_(d, alpha=self.weight[i] if self.sign_election == "weighted" else 1.0)
+            else:
+                vote.add_(torch.sign(d), alpha=self._contribution_sign(i))
+        return vote
+
+    def emit(self, start: int, base, models) -> torch.Tensor:  # noqa: ANN001
+        tvs = self._task_vectors(start, base, models)
+        if self.consensus is None:
+            out = torch.zeros_like(base)
+            for w, d in zip(self.weight, tvs):
+                out.add_(d, alpha=w)
+            if self.normalize:
+                total = sum(self.weight)
+                out.div_(total if abs(total) >= 1e-8 else 1.0)
+            return base + self.lam * out
+        vote = self._vote(tvs)
+        elected = torch.sign(vote)
+        elected[elected == 0] = self.tie
+        num = torch.zeros_like(base)
+        den = torch.zeros_like(base) if self.normalize else None
+        for i, d in enumerate(tvs):
+            s = torch.sign(d)
+            if self._contribution_sign(i) < 0:
+                s.neg_()
+            agree = s == elected
+            num.add_(d * agree, alpha=self.weight[i])
+            if den is not None:
+                den.add_(agree.to(den.dtype), alpha=self.weight[i] if self.divisor == "weight_sum" else 1.0)
         if den is not None:
-            den.add_(agree.to(den.dtype), alpha=weight[i] if divisor == "weight_sum" else 1.0)
-    if den is not None:
-        den[den == 0] = 1.0
-        num.div_(den)
-    return base + lam * num
+            den[den == 0] = 1.0
+            num.div_(den)
+        return base + self.lam * num

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
-from moerge.methods.consensus import combine
-from moerge.methods.sparsify import bernoulli_keep, tensor_seed
-from moerge.methods.ties import TIES_CONVENTIONS
+from moerge.methods.consensus import TaskVectorMerger, drop_sparsifiers
+from moerge.methods.ties import TIES_CONVENTIONS, zero_sign_rule
 
 RESCALE_NORM = ("inverse_density", "l1")
 CITATION = ("Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous "
@@ -25,25 +22,11 @@ DARE_PARAMS = (
 )
 
 
-def dare_sparsifier(density: list[float], rescale: bool, rescale_norm: str, seed: int):
-    """Model i's keep-mask ~ Bernoulli(densityᵢ), seeded per (tensor, model), and its rescale."""
-
-    def sparsify(i: int, d: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        p = density[i]
-        if p >= 1.0:
-            return None, 1.0
-        mask = bernoulli_keep(d.shape, p, tensor_seed(seed, i), device=d.device)
-        if not rescale:
-            return mask, 1.0
-        if rescale_norm == "inverse_density":
-            return mask, 1.0 / p
-        before = float(d.abs().sum(dtype=torch.float64))
-        after = float((d * mask).abs().sum(dtype=torch.float64))
-        if before < 1e-7 or after < 1e-7:
-            return mask, 1.0
-        return mask, before / after
-
-    return sparsify
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @register(
@@ -53,13 +36,11 @@ def dare_sparsifier(density: list[float], rescale: bool, rescale_norm: str, seed
     citation=CITATION,
     needs_base=True,
 )
-def dare_linear(base: torch.Tensor, models: list[torch.Tensor], *, weight: list[float],
-                density: list[float], lam: float, rescale: bool, rescale_norm: str,
-                normalize: bool, seed: int = 0) -> torch.Tensor:
-    """θ₀ + λ·Σ wᵢ·DARE(τᵢ)."""
-    return combine(base, models, weight=weight, lam=lam,
-                   sparsify=dare_sparsifier(density, rescale, rescale_norm, seed),
-                   consensus=None, normalize=normalize)
+def dare_linear(shape: tuple[int, ...], *, weight: list[float], density: list[float], lam: float,
+                rescale: bool, rescale_norm: str, normalize: bool, seed: int = 0) -> TaskVectorMerger:
+    """θ₀ + λ·Σ wᵢ·DARE(τᵢ): keep each entry with probability p, seeded per (seed, tensor, model)."""
+    return TaskVectorMerger(weight=weight, lam=lam, normalize=normalize,
+                            sparsifiers=drop_sparsifiers(_numel(shape), density, seed, rescale, rescale_norm))
 
 
 @register(
@@ -72,12 +53,11 @@ def dare_linear(base: torch.Tensor, models: list[torch.Tensor], *, weight: list[
     citation=CITATION,
     needs_base=True,
 )
-def dare_ties(base: torch.Tensor, models: list[torch.Tensor], *, weight: list[float],
-              density: list[float], lam: float, rescale: bool, rescale_norm: str, normalize: bool,
-              sign_election: str, consensus_method: str, divisor: str, seed: int = 0) -> torch.Tensor:
+def dare_ties(shape: tuple[int, ...], *, weight: list[float], density: list[float], lam: float, rescale: bool,
+              rescale_norm: str, normalize: bool, sign_election: str, consensus_method: str, divisor: str,
+              seed: int = 0) -> TaskVectorMerger:
     """θ₀ + λ·disjoint-merge(elect(DARE(τᵢ)))."""
-    return combine(base, models, weight=weight, lam=lam,
-                   sparsify=dare_sparsifier(density, rescale, rescale_norm, seed),
-                   consensus=consensus_method, sign_election=sign_election,
-                   normalize=normalize, divisor=divisor,
-                   zero_sign="plus" if sign_election == "weighted" else "majority")
+    return TaskVectorMerger(weight=weight, lam=lam,
+                            sparsifiers=drop_sparsifiers(_numel(shape), density, seed, rescale, rescale_norm),
+                            consensus=consensus_method, sign_election=sign_election, normalize=normalize,
+                            divisor=divisor, zero_sign=zero_sign_rule(sign_election))

@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 
 from moerge.methods.base import WEIGHT, Param, register
+from moerge.methods.blocks import TensorMerger
+
+
+class LinearMerger(TensorMerger):
+    def __init__(self, weight: list[float], normalize: bool) -> None:
+        self.weight = weight
+        total = sum(weight)
+        if normalize and total == 0:
+            raise ValueError("the weights sum to zero; set normalize: false or change them")
+        self.divide = total if normalize else 1.0
+
+    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+        out = torch.zeros_like(models[0])
+        for w, m in zip(self.weight, models):
+            out.add_(m, alpha=w)
+        return out.div_(self.divide) if self.divide != 1.0 else out
 
 
 @register(
@@ -19,14 +35,6 @@ from moerge.methods.base import WEIGHT, Param, register
     needs_base=False,
     min_models=1,
 )
-def linear(models: list[torch.Tensor], *, weight: list[float], normalize: bool) -> torch.Tensor:
+def linear(shape: tuple[int, ...], *, weight: list[float], normalize: bool) -> LinearMerger:
     """θ = Σ wᵢθᵢ (/ Σ wᵢ when ``normalize``)."""
-    out = torch.zeros_like(models[0])
-    for w, m in zip(weight, models):
-        out.add_(m, alpha=w)
-    if normalize:
-        total = sum(weight)
-        if total == 0:
-            raise ValueError("linear: the weights sum to zero; set normalize: false or change them")
-        out.div_(total)
-    return out
+    return LinearMerger(weight, normalize)

@@ -7,6 +7,60 @@ import itertools
 import torch
 
 from moerge.methods.base import Param, register
+from moerge.methods.blocks import TensorMerger
+
+
+class ModelStockMerger(TensorMerger):
+    """One statistics pass (pairwise dot products and norms of the task vectors), then interpolation."""
+
+    passes = 1
+
+    def __init__(self, shape: tuple[int, ...], n_models: int, filter_wise: bool) -> None:
+        self.n = n_models
+        self.row_aligned = filter_wise and len(shape) >= 2
+        numel = 1
+        for d in shape:
+            numel *= d
+        self.rows = shape[0] if self.row_aligned else 1
+        self.row_len = numel // self.rows if self.rows else 0
+        self.pairs = list(itertools.combinations(range(n_models), 2))
+        self.dots = torch.zeros(len(self.pairs), self.rows, dtype=torch.float64)
+        self.sq = torch.zeros(n_models, self.rows, dtype=torch.float64)
+        self.t: torch.Tensor | None = None
+
+    def _rows(self, start: int, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        if not self.row_aligned:
+            return 0, x.reshape(1, -1)
+        return start // self.row_len, x.reshape(-1, self.row_len)
+
+    def observe(self, p, start, base, models) -> None:  # noqa: ANN001
+        r0, _ = self._rows(start, base)
+        deltas = [self._rows(start, (m - base).double())[1] for m in models]
+        r1 = r0 + deltas[0].shape[0]
+        for i, d in enumerate(deltas):
+            self.sq[i, r0:r1] += d.square().sum(1).cpu()
+        for k, (i, j) in enumerate(self.pairs):
+            self.dots[k, r0:r1] += (deltas[i] * deltas[j]).sum(1).cpu()
+
+    def end_pass(self, p: int) -> None:
+        norms = self.sq.sqrt()
+        cos = torch.zeros(self.rows, dtype=torch.float64)
+        for k, (i, j) in enumerate(self.pairs):
+            cos += (self.dots[k] / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
+        cos /= len(self.pairs)
+        denom = 1.0 + (self.n - 1) * cos
+        # cos = −1/(N−1) makes the ratio blow up; keep the base there (as mergekit does)
+        safe = denom.abs() >= 1e-6
+        self.t = torch.where(safe, self.n * cos / torch.where(safe, denom, 1.0), 0.0).float()
+
+    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+        mean = torch.zeros_like(base)
+        for m in models:
+            mean.add_(m)
+        mean.div_(self.n)
+        r0, b = self._rows(start, base)
+        t = self.t[r0:r0 + b.shape[0]].to(base.device).unsqueeze(1)
+        return (t * self._rows(start, mean)[1] + (1.0 - t) * b).reshape(-1)
 
 
 @register(
@@ -21,28 +75,11 @@ from moerge.methods.base import Param, register
     needs_base=True,
     min_models=2,
 )
-def model_stock(base: torch.Tensor, models: list[torch.Tensor], *, filter_wise: bool) -> torch.Tensor:
+def model_stock(shape: tuple[int, ...], *, filter_wise: bool, n_models: int) -> ModelStockMerger:
     """θ = t·mean(θᵢ) + (1−t)·θ₀ with cosθ the mean pairwise cosine of the task vectors.
 
     For more than two models the paper leaves the angle open; like mergekit and
     FusionBench we average the pairwise cosines. Zero task vectors count as
-    orthogonal (t → 0, the base).
+    orthogonal (t = 0, the base).
     """
-    n = len(models)
-    row_wise = filter_wise and base.dim() >= 2
-    shape = (base.shape[0], -1) if row_wise else (1, -1)
-    deltas = [(m - base).reshape(shape) for m in models]
-    cos = torch.zeros(deltas[0].shape[0], dtype=torch.float64, device=base.device)
-    for a, b in itertools.combinations(deltas, 2):
-        cos += torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-8)
-    cos /= n * (n - 1) / 2
-    cos.clamp_(-1.0, 1.0)
-    denom = 1.0 + (n - 1) * cos
-    # cos = −1/(N−1) makes the ratio blow up; keep the base there (as mergekit does)
-    t = torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), (n * cos) / torch.where(denom.abs() < 1e-6, 1.0, denom))
-    mean = torch.zeros_like(base)
-    for m in models:
-        mean.add_(m)
-    mean.div_(n)
-    t = t.to(base.dtype).reshape((-1,) + (1,) * (base.dim() - 1)) if row_wise else t.to(base.dtype)
-    return t * mean + (1.0 - t) * base
+    return ModelStockMerger(shape, n_models, filter_wise)

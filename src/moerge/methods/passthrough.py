@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 from moerge.methods.base import Param, register
+from moerge.methods.blocks import TensorMerger
+
+
+class ScaleMerger(TensorMerger):
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+        return models[0] if self.scale == 1.0 else models[0] * self.scale
 
 
 @register(
@@ -18,6 +27,6 @@ from moerge.methods.base import Param, register
     min_models=1,
     max_models=1,
 )
-def passthrough(models: list[torch.Tensor], *, scale: float) -> torch.Tensor:
+def passthrough(shape: tuple[int, ...], *, scale: float) -> ScaleMerger:
     """θ = scale·θ₁."""
-    return models[0] if scale == 1.0 else models[0] * scale
+    return ScaleMerger(scale)

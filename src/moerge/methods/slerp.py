@@ -8,6 +8,44 @@ from typing import Any
 import torch
 
 from moerge.methods.base import Param, register
+from moerge.methods.blocks import TensorMerger
+
+
+class SlerpMerger(TensorMerger):
+    """One statistics pass (norms and dot product, in float64), then a fixed linear combination."""
+
+    passes = 1
+
+    def __init__(self, t: float, dot_threshold: float, eps: float, notes: dict[str, Any] | None) -> None:
+        self.t, self.dot_threshold, self.eps, self.notes = t, dot_threshold, eps, notes
+        self.n0 = self.n1 = self.dot = 0.0
+        self.c0, self.c1 = 1.0 - t, t
+
+    def observe(self, p, start, base, models) -> None:  # noqa: ANN001
+        v0, v1 = base.double(), models[0].double()
+        self.n0 += float(v0.square().sum())
+        self.n1 += float(v1.square().sum())
+        self.dot += float((v0 * v1).sum())
+
+    def end_pass(self, p: int) -> None:
+        n0, n1 = math.sqrt(self.n0), math.sqrt(self.n1)
+        dot = self.dot / ((n0 if n0 > self.eps else 1.0) * (n1 if n1 > self.eps else 1.0))
+        dot = max(-1.0, min(1.0, dot))
+        if abs(dot) > self.dot_threshold:
+            if self.notes is not None:
+                self.notes["lerp_fallback"] = self.notes.get("lerp_fallback", 0) + 1
+            return  # nearly colinear: linear interpolation
+        theta = math.acos(dot)
+        sin_theta = math.sin(theta)
+        self.c0 = math.sin((1.0 - self.t) * theta) / sin_theta
+        self.c1 = math.sin(self.t * theta) / sin_theta
+
+    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+        if self.c1 == 0.0 and self.c0 == 1.0:
+            return base.clone()
+        if self.c0 == 0.0 and self.c1 == 1.0:
+            return models[0].clone()
+        return self.c0 * base + self.c1 * models[0]
 
 
 @register(
@@ -27,27 +65,11 @@ from moerge.methods.base import Param, register
     min_models=1,
     max_models=1,
 )
-def slerp(base: torch.Tensor, models: list[torch.Tensor], *, t: float, dot_threshold: float,
-          eps: float, notes: dict[str, Any] | None = None) -> torch.Tensor:
+def slerp(shape: tuple[int, ...], *, t: float, dot_threshold: float, eps: float,
+          notes: dict[str, Any] | None = None) -> SlerpMerger:
     """slerp(θ₀, θ₁; t) on whole tensors; linear when |cos| > ``dot_threshold``.
 
-    The direction comes from the normalised tensors; the interpolation is of the
+    The angle comes from the normalised tensors; the interpolation is of the
     original (unnormalised) tensors, as in mergekit.
     """
-    v0, v1 = base, models[0]
-    n0 = float(v0.norm(dtype=torch.float64))
-    n1 = float(v1.norm(dtype=torch.float64))
-    dot = float((v0.double() * v1.double()).sum())
-    if n0 > eps:
-        dot /= n0
-    if n1 > eps:
-        dot /= n1
-    if abs(dot) > dot_threshold:
-        if notes is not None:
-            notes["lerp_fallback"] = notes.get("lerp_fallback", 0) + 1
-        return torch.lerp(v0, v1, t) if t not in (0.0, 1.0) else (v0.clone() if t == 0.0 else v1.clone())
-    theta0 = math.acos(max(-1.0, min(1.0, dot)))
-    sin0 = math.sin(theta0)
-    s0 = math.sin((1.0 - t) * theta0) / sin0
-    s1 = math.sin(t * theta0) / sin0
-    return s0 * v0 + s1 * v1
+    return SlerpMerger(t, dot_threshold, eps, notes)

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 
 from moerge.methods.base import DENSITY, LAMBDA, WEIGHT, Param, register
-from moerge.methods.consensus import CONSENSUS, DIVISOR, SIGN_ELECTION, combine
-from moerge.methods.sparsify import magnitude_mask
+from moerge.methods.blocks import RankSelect
+from moerge.methods.consensus import (CONSENSUS, DIVISOR, SIGN_ELECTION, RankWindowSparsifier, Sparsifier,
+                                      TaskVectorMerger, ThresholdSparsifier)
+from moerge.methods.sparsify import topk_window
 
 TRIM_SCOPE = ("model", "tensor")
 
@@ -27,105 +29,74 @@ TIES_CONVENTIONS = (
 )
 
 
-def paper_threshold_mask(delta: torch.Tensor, density: float, threshold: float | None) -> torch.Tensor | None:
-    """TIES reference trim: keep |τ| ≥ the k-th smallest |τ|, k = n − ⌊n·density⌋.
-
-    ``threshold`` is that value computed over the whole model by the pre-pass;
-    without it the tensor itself is the population.
-    """
-    if density >= 1.0:
-        return None
-    mag = delta.abs()
-    if threshold is None:
-        n = mag.numel()
-        k = n - int(n * density)
-        threshold = float(torch.kthvalue(mag.reshape(-1), max(k, 1)).values)
-    return mag >= threshold
+def zero_sign_rule(sign_election: str) -> str:
+    """The TIES reference breaks exact ties by the majority sign; mergekit elects +."""
+    return "plus" if sign_election == "weighted" else "majority"
 
 
 class GlobalTrimThreshold:
-    """Pre-pass: the exact per-model magnitude threshold over a whole task vector.
+    """Pre-pass: each model's exact magnitude threshold over its whole task vector.
 
-    Radix selection on the float32 bit patterns of |τ| (which order like the
-    values): pass 0 histograms the high 16 bits, pass 1 the low 16 bits inside
-    the bin that holds the k-th smallest. Memory: two 64 Ki-entry histograms per
-    model, whatever the model size.
+    The TIES reference code flattens each model's task vector and keeps entries
+    with |τ| ≥ its k-th smallest |τ|, k = d − ⌊d·density⌋. We find that value
+    exactly without holding the task vector: a radix selection over every
+    tensor (:class:`~moerge.methods.blocks.RankSelect`), two streaming passes,
+    two 64 Ki-entry histograms per model.
     """
 
     passes = 2
 
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.n_models = 0
+    def __init__(self) -> None:
+        self.select: list[RankSelect | None] = []
+        self.density: list[float] = []
         self.total = 0
-        self.hist: list[torch.Tensor] = []
-        self.density: list[float | None] = []
-        self.bin: list[int] = []
-        self.rank: list[int] = []
-        self.thresholds: list[float | None] = []
 
-    def update(self, pass_idx: int, name: str, base: torch.Tensor, models: list[torch.Tensor],
-               model_params: list[dict[str, Any]]) -> None:
-        if not self.hist:
-            self.n_models = len(models)
-            self.hist = [torch.zeros(1 << 16, dtype=torch.int64) for _ in models]
-            self.density = [None] * len(models)
-        if pass_idx == 0:
+    def observe(self, p: int, name: str, start: int, base: torch.Tensor, models: list[torch.Tensor],
+                model_params: list[dict[str, Any]]) -> None:
+        if not self.density:
+            self.density = [float(mp["density"]) for mp in model_params]
+            self.select = [RankSelect([]) if d < 1.0 else None for d in self.density]
+        if p == 0:
             self.total += base.numel()
         for i, m in enumerate(models):
-            dens = float(model_params[i]["density"])
-            if pass_idx == 0:
-                if self.density[i] is None:
-                    self.density[i] = dens
-                elif self.density[i] != dens:
-                    raise ValueError(
-                        f"trim_scope: model needs one density per model, but model {i} has "
-                        f"{self.density[i]} and {dens} (at {name}); use trim_scope: tensor for "
-                        "per-tensor densities"
-                    )
-            if dens >= 1.0:
-                continue
-            bits = (m.float() - base).abs_().view(torch.int32).reshape(-1)
-            if pass_idx == 0:
-                hi = (bits >> 16).to(torch.int64)
-                self.hist[i] += torch.bincount(hi, minlength=1 << 16).cpu()
-            else:
-                if self.rank[i] <= 0:
-                    continue
-                sel = bits[(bits >> 16) == self.bin[i]]
-                lo = (sel & 0xFFFF).to(torch.int64)
-                self.hist[i] += torch.bincount(lo, minlength=1 << 16).cpu()
+            d = float(model_params[i]["density"])
+            if d != self.density[i]:
+                raise ValueError(
+                    f"trim_scope: model needs one density per model, but model {i + 1} has "
+                    f"{self.density[i]} and {d} (at {name}); use trim_scope: tensor for per-tensor densities"
+                )
+            sel = self.select[i]
+            if sel is not None:
+                sel.observe(p, (m - base).abs_())
 
-    def finish_pass(self, pass_idx: int) -> None:
-        if pass_idx == 0:
-            for i in range(self.n_models):
-                dens = self.density[i]
-                if dens is None or dens >= 1.0:
-                    self.bin.append(-1)
-                    self.rank.append(0)
-                    continue
-                k = max(self.total - int(self.total * dens), 1)
-                cum = torch.cumsum(self.hist[i], 0)
-                b = int(torch.searchsorted(cum, k))
-                before = int(cum[b - 1]) if b > 0 else 0
-                self.bin.append(b)
-                self.rank.append(k - before)
-                self.hist[i].zero_()
-        else:
-            for i in range(self.n_models):
-                if self.rank[i] <= 0:
-                    self.thresholds.append(None)
-                    continue
-                cum = torch.cumsum(self.hist[i], 0)
-                lo = int(torch.searchsorted(cum, self.rank[i]))
-                bits = torch.tensor([(self.bin[i] << 16) | lo], dtype=torch.int32)
-                self.thresholds.append(float(bits.view(torch.float32)[0]))
+    def end_pass(self, p: int) -> None:
+        for sel, d in zip(self.select, self.density):
+            if sel is None:
+                continue
+            if p == 0:
+                k = max(self.total - int(self.total * d), 1)
+                sel.ranks = [k - 1]
+            sel.end_pass(p)
 
     def result(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds}
+        return {"thresholds": [None if s is None else s.value[0] for s in self.select]}
 
 
 def _ties_prepass(params: dict[str, Any]) -> GlobalTrimThreshold | None:
-    return GlobalTrimThreshold(params) if params.get("trim_scope") == "model" else None
+    return GlobalTrimThreshold() if params.get("trim_scope") == "model" else None
+
+
+def trim_sparsifiers(n: int, density: list[float], trim_scope: str,
+                     thresholds: list[float | None] | None) -> list[Sparsifier]:
+    out: list[Sparsifier] = []
+    for i, d in enumerate(density):
+        if d >= 1.0:
+            out.append(Sparsifier())
+        elif trim_scope == "tensor":
+            out.append(RankWindowSparsifier(n, *topk_window(n, d)))
+        else:
+            out.append(ThresholdSparsifier(n, d, thresholds[i] if thresholds else None))
+    return out
 
 
 @register(
@@ -144,18 +115,18 @@ def _ties_prepass(params: dict[str, Any]) -> GlobalTrimThreshold | None:
     needs_base=True,
     prepass=_ties_prepass,
 )
-def ties(base: torch.Tensor, models: list[torch.Tensor], *, weight: list[float],
-         density: list[float], lam: float, normalize: bool, trim_scope: str, sign_election: str,
-         consensus_method: str, divisor: str, thresholds: list[float | None] | None = None) -> torch.Tensor:
-    """θ₀ + λ·disjoint-merge(elect(trim(τᵢ))). See :func:`moerge.methods.consensus.combine`."""
+def ties(shape: tuple[int, ...], *, weight: list[float], density: list[float], lam: float, normalize: bool,
+         trim_scope: str, sign_election: str, consensus_method: str, divisor: str,
+         thresholds: list[float | None] | None = None) -> TaskVectorMerger:
+    """θ₀ + λ·disjoint-merge(elect(trim(τᵢ))). See :class:`~moerge.methods.consensus.TaskVectorMerger`.
 
-    def trim(i: int, d: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        if trim_scope == "tensor":
-            return (None if density[i] >= 1.0 else magnitude_mask(d, density[i])), 1.0
-        thr = thresholds[i] if thresholds is not None else None
-        return paper_threshold_mask(d, density[i], thr), 1.0
-
-    return combine(base, models, weight=weight, lam=lam, sparsify=trim,
-                   consensus=consensus_method, sign_election=sign_election,
-                   normalize=normalize, divisor=divisor,
-                   zero_sign="plus" if sign_election == "weighted" else "majority")
+    ``trim_scope="tensor"`` keeps exactly max(1, ⌊density·n⌋) entries per tensor
+    (ties in magnitude broken by position). ``"model"`` keeps |τ| ≥ the model's
+    threshold from the whole-model pre-pass (without one, this tensor is the population).
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    return TaskVectorMerger(weight=weight, lam=lam, sparsifiers=trim_sparsifiers(n, density, trim_scope, thresholds),
+                            consensus=consensus_method, sign_election=sign_election, normalize=normalize,
+                            divisor=divisor, zero_sign=zero_sign_rule(sign_election))
