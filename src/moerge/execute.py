@@ -17,7 +17,8 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -154,25 +155,29 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
     return out.view(item.shape), notes
 
 
-def _run_prepass(plan: Plan, reader: _Reader, block: int) -> dict[str, Any]:
+def _run_prepass(plan: Plan, reader: _Reader, block: int, budget: int) -> dict[str, Any]:
     make = plan.method.prepass
     items = [i for i in plan.items if i.copy_from is None]
     prepass = make(items[0].params) if make is not None and items else None
     if prepass is None:
         return {}
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="moerge-prepass") as pool:
+    costs = [_item_cost(plan, i) for i in items]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moerge-prepass") as pool:
         for p in range(prepass.passes):
-            pending = deque(pool.submit(reader.load, it) for it in items[:2])
+            # read the next tensor while this one is observed, when both fit in the budget
+            pending: Future[Any] | None = pool.submit(reader.load, items[0])
             for k, item in enumerate(items):
-                inp = pending.popleft().result()
-                if k + 2 < len(items):
-                    pending.append(pool.submit(reader.load, items[k + 2]))
+                inp = pending.result() if pending is not None else reader.load(item)
+                pending = None
+                if k + 1 < len(items) and costs[k] + costs[k + 1] <= budget:
+                    pending = pool.submit(reader.load, items[k + 1])
                 for s, e in block_ranges(inp.models[0].numel(), item.shape, block, False):
                     base, models = reader.blocks(inp, s, e, p == 0)
                     try:
                         prepass.observe(p, item.name, s, base, models, item.model_params)
                     except ValueError as err:
                         raise PlanError(str(err)) from None
+                del inp
             prepass.end_pass(p)
     return prepass.result()
 
@@ -189,13 +194,12 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
     dev = resolve_device(device)
     reader = _Reader(plan, dev, allow_nonfinite)
     stats = ExecStats()
-    t0 = time.perf_counter()
-    extra = _run_prepass(plan, reader, block)
-    stats.prepass_seconds = time.perf_counter() - t0
-
     items = plan.items
     costs = [_item_cost(plan, i) for i in items]
     budget = memory_budget or max(max(costs, default=0), 512 << 20)
+    t0 = time.perf_counter()
+    extra = _run_prepass(plan, reader, block, budget)
+    stats.prepass_seconds = time.perf_counter() - t0
     n_workers = workers or (1 if dev.type == "cuda" else 2)
 
     out_q: queue.Queue[Any] = queue.Queue(maxsize=2)
