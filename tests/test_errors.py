@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -275,3 +277,90 @@ def test_mergekit_unsupported_features_are_explained(llama, tmp_path):
     r = {"merge_method": "linear", "models": [{"model": str(llama["ft1"]) + "+some/lora"}]}
     with pytest.raises(RecipeError, match="model\\+lora"):
         moerge.merge(r, tmp_path / "out")
+
+
+def test_allow_nonfinite_writes_nan_through(llama, tmp_path):
+    def poison(t):
+        t["model.norm.weight"][0] = float("nan")
+        return t
+
+    bad = edit_model(llama["ft1"], tmp_path / "bad", poison)
+    moerge.merge(recipe("task_arithmetic", llama["base"], [bad]), tmp_path / "out", allow_nonfinite=True)
+    assert torch.isnan(load_tensors(tmp_path / "out")["model.norm.weight"][0])
+
+
+def test_overflow_in_output_dtype_is_an_error(llama, tmp_path):
+    r = recipe("task_arithmetic", llama["base"], [llama["ft1"]], params={"lambda": 1e38}, dtype="float16")
+    with pytest.raises(NonFiniteError, match="overflow float16"):
+        moerge.merge(r, tmp_path / "out")
+    assert only_output_siblings(tmp_path) == []
+
+
+def test_linear_weights_summing_to_about_zero(llama, tmp_path):
+    r = recipe("linear", None, [llama["ft1"], llama["ft2"], llama["ft3"]],
+               model_params=[{"weight": 0.1}, {"weight": 0.2}, {"weight": -0.3}])
+    with pytest.raises(PlanError, match="weights sum to zero"):
+        moerge.merge(r, tmp_path / "out")
+
+
+def test_whole_model_trim_needs_one_density_per_model(llama, tmp_path):
+    r = recipe("ties", llama["base"], [llama["ft1"]], model_params=[{"density": [0.2, 0.8]}])
+    with pytest.raises(PlanError, match="model 1 gets"):
+        moerge.merge(r, tmp_path / "out", dry_run=True)
+    r = recipe("ties", llama["base"], [llama["ft1"]], params={"trim_scope": [{"filter": "mlp", "value": "tensor"}]})
+    with pytest.raises(PlanError, match="applies to the whole merge"):
+        moerge.merge(r, tmp_path / "out", dry_run=True)
+
+
+def test_slices_honour_vocab_policy(llama, tmp_path):
+    small = edit_model(llama["ft2"], tmp_path / "small", lambda t: {
+        k: (v[:60].contiguous() if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in t.items()})
+    r = {"method": "passthrough", "vocab_policy": "base", "slices": [
+        {"sources": [{"model": str(llama["ft1"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(small), "layer_range": [2, 3]}]}]}
+    with pytest.raises(PlanError, match="vocabulary size mismatch"):
+        moerge.merge(dict(r, vocab_policy="error"), tmp_path / "out")
+    moerge.merge(r, tmp_path / "out")
+    assert load_tensors(tmp_path / "out")["lm_head.weight"].shape == (64, 32)
+
+
+@pytest.mark.parametrize("entry", [{"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+                                   {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]},
+                                   {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}])
+def test_malformed_header_entries(tmp_path, entry):
+    import struct
+
+    header = json.dumps({"x": entry}).encode()
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(CheckpointError, match="corrupt header entry for tensor 'x'"):
+        moerge.inspect(tmp_path / "m.safetensors")
+
+
+def test_header_with_gap_between_tensors(tmp_path):
+    import struct
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                         "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}).encode()
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 12)
+    with pytest.raises(CheckpointError, match="gap of 4 bytes before tensor 'b'"):
+        moerge.inspect(tmp_path / "m.safetensors")
+
+
+def test_bad_shard_size():
+    from moerge.io.writer import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500M") == 5 * 10**8
+    with pytest.raises(OutputError, match="cannot read size"):
+        parse_size("1.5.3GB")
+
+
+def test_forced_replacement_interrupted_between_renames_is_recovered(llama, tmp_path):
+    from moerge.io.writer import clean_stale_temp_dirs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "marker").write_text("old")
+    # what a crash between the two renames of a non-exchanging replacement leaves behind
+    os.rename(out, tmp_path / ".out.moerge-tmp-999999999-old-abc123")
+    clean_stale_temp_dirs(out)
+    assert (out / "marker").read_text() == "old"

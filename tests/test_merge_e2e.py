@@ -185,3 +185,31 @@ def test_cli_merge_inspect_diff_methods(llama, tmp_path):
         assert f"\n{name}  " in "\n" + r.stdout, name
     r = subprocess.run(cli + ["methods", "ties"], capture_output=True, text=True)
     assert "trim_scope" in r.stdout and "mergekit: 'tensor'" in r.stdout
+
+
+def test_single_slice_prunes_layers(llama, tmp_path):
+    r = {"merge_method": "passthrough", "dtype": "float32",
+         "slices": [{"sources": [{"model": str(llama["ft1"]), "layer_range": [0, 2]}]}]}
+    moerge.merge(r, tmp_path / "out")
+    out, f1 = load_tensors(tmp_path / "out"), load_tensors(llama["ft1"])
+    assert json.loads((tmp_path / "out/config.json").read_text())["num_hidden_layers"] == 2
+    assert "model.layers.2.mlp.up_proj.weight" not in out
+    assert torch.equal(out["lm_head.weight"], f1["lm_head.weight"])
+    assert torch.equal(out["model.norm.weight"], f1["model.norm.weight"])
+    generate(tmp_path / "out")
+
+
+def test_model_stock_small_task_vectors_keep_their_angle():
+    from test_methods_values import run
+
+    base = torch.zeros(2000)
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(2000, generator=g) * 1e-6
+    models = [shared + torch.randn(2000, generator=g) * 1e-6 for _ in range(2)]
+    cos = float(torch.nn.functional.cosine_similarity(models[0], models[1], dim=0))
+    t = 2 * cos / (1 + cos)
+    out = run("model_stock", base, models)
+    assert torch.allclose(out, t * (models[0] + models[1]) / 2, atol=1e-12)
+    # mergekit floors the product of the norms at 1e-6, which sends tiny task vectors to the base
+    mk = run("model_stock", base, models, conventions="mergekit", extra={"conventions": "mergekit"})
+    assert float(mk.abs().max()) < 0.01 * float(out.abs().max())

@@ -15,9 +15,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,7 +90,7 @@ class _Reader:
         rows = item.shape[0]
         if t.shape[0] > rows:
             return t[:rows].contiguous()
-        ref = item.base or item.inputs[0]
+        ref = item.pad_from or item.base or item.inputs[0]
         out = self.raw(ref)[:rows].to(t.dtype).clone()
         out[: t.shape[0]] = t
         return out
@@ -135,7 +135,8 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
     notes: dict[str, Any] = {}
     numel = inp.models[0].numel()
     try:
-        merger = plan.method.build(item.shape, item.model_params, item.params, seed=item.seed, notes=notes, **extra)
+        merger = plan.method.build(item.shape, item.model_params, item.params, seed=item.seed, notes=notes,
+                                   conventions=plan.recipe.conventions, **extra)
     except ValueError as e:
         raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {e}") from None
     ranges = block_ranges(numel, item.shape, block, merger.row_aligned)
@@ -147,18 +148,24 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
         first = False
     out = torch.empty(numel, dtype=getattr(torch, item.dtype))
     for s, e in ranges:
-        blk = merger.emit(s, *reader.blocks(inp, s, e, first))
-        if not bool(torch.isfinite(blk).all()):
-            raise NonFiniteError(f"{plan.method.name} produced NaN/Inf in tensor {item.name!r} from finite inputs",
-                                 hint="check the recipe's parameters (e.g. weights summing to zero)")
-        out[s:e] = blk.to(out.dtype).cpu()
+        exact = merger.emit(s, *reader.blocks(inp, s, e, first))
+        blk = exact.to(out.dtype)
+        if not reader.allow_nonfinite and not bool(torch.isfinite(blk).all()):
+            overflow = bool(torch.isfinite(exact).all())  # finite in float32, not in the output dtype
+            raise NonFiniteError(
+                f"{plan.method.name} produced NaN/Inf in tensor {item.name!r} (stored as {item.dtype})",
+                hint=f"the merged values overflow {item.dtype}; choose another dtype, or pass "
+                "--allow-nonfinite to write it anyway" if overflow else
+                "check the recipe's parameters (e.g. weights summing to ~0 with normalize)",
+            )
+        out[s:e] = blk.cpu()
     return out.view(item.shape), notes
 
 
 def _run_prepass(plan: Plan, reader: _Reader, block: int, budget: int) -> dict[str, Any]:
     make = plan.method.prepass
     items = [i for i in plan.items if i.copy_from is None]
-    prepass = make(items[0].params) if make is not None and items else None
+    prepass = make(items[0].params) if make is not None and items else None  # global params: one value
     if prepass is None:
         return {}
     costs = [_item_cost(plan, i) for i in items]

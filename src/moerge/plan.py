@@ -50,6 +50,7 @@ class WorkItem:
     seed: int
     copy_from: InputRef | None = None  # non-float tensors are copied, not merged
     row_fix: bool = False  # inputs may need crop/pad of rows to ``shape[0]`` (vocab policy)
+    pad_from: InputRef | None = None  # rows missing from an input come from here (default: base or first input)
 
     @property
     def nbytes(self) -> int:
@@ -145,7 +146,9 @@ class _Planner:
                     "the top-level 'parameters:'"
                 )
             err = check_shape(value)
-            if err is None and isinstance(value, list) and not p.gradient and not all(
+            if err is None and isinstance(value, list) and p.constant:
+                err = f"{key!r} applies to the whole merge (give one value, no list or filter)"
+            elif err is None and isinstance(value, list) and not p.gradient and not all(
                 isinstance(v, dict) for v in value
             ):
                 err = f"{key!r} cannot vary across layers (give one value)"
@@ -191,10 +194,28 @@ class _Planner:
             items, reference, n_layers, base_idx, experts = self._plan_slices()
         else:
             items, reference, n_layers, base_idx, experts = self._plan_models()
+        self._check_whole_model_trim(items)
         cfg_src = self._source_index(r.config_source, reference, "config_source")
         tok_src = self._source_index(r.tokenizer_from, reference, "tokenizer_source")
         return Plan(self.loaded, m, self.checkpoints, items, reference, cfg_src, tok_src, n_layers,
                     base_idx, experts, self.warnings)
+
+    def _check_whole_model_trim(self, items: list[WorkItem]) -> None:
+        """A trim over each whole task vector needs one density per model and a model per position."""
+        merged = [i for i in items if i.copy_from is None]
+        if not merged or merged[0].params.get("trim_scope") != "model":
+            return
+        if self.recipe.slices is not None:
+            raise PlanError(f"{self.loaded.where('parameters', 'trim_scope')}: trim_scope: model (a trim over "
+                            "each model's whole task vector) does not combine with slices; use trim_scope: tensor")
+        for k in range(len(merged[0].model_params)):
+            values = {i.model_params[k]["density"] for i in merged}
+            if len(values) > 1:
+                raise PlanError(
+                    f"{self.loaded.source}: trim_scope: model trims each model's whole task vector, so each "
+                    f"model needs one density, but model {k + 1} gets {sorted(values)}",
+                    hint="give one density per model, or set trim_scope: tensor for per-tensor densities",
+                )
 
     def _source_index(self, ref: str | None, default: int, key: str) -> int:
         if ref is None or ref == "base":
@@ -379,7 +400,7 @@ class _Planner:
                     lead_name = with_layer_index(tmpl, lead.layer_range[0] + off)
                     info = lead_ck.info(lead_name)
                     in_names = [with_layer_index(tmpl, s.layer_range[0] + off) for _, s in srcs]
-                    self._check_inputs(lead_name, lead_idx, experts, info.shape, in_names)
+                    row_fix = self._check_inputs(lead_name, lead_idx, experts, info.shape, in_names)
                     levels_g = [(sl.parameters, ("slices", si, "parameters")), (r.parameters, ("parameters",))]
                     gparams = self.resolve(levels_g, out_name, t, per_model=False)
                     # per-model parameters match the model's own (input) tensor name, as in mergekit
@@ -388,29 +409,37 @@ class _Planner:
                     items.append(self._item(out_name, info, out_dtype,
                                             InputRef(lead_idx, lead_name) if base_src else None,
                                             [InputRef(x, nm) for x, nm in zip(experts, in_names)],
-                                            mparams, gparams, lead_idx, lead_name))
+                                            mparams, gparams, lead_idx, lead_name, row_fix))
             out_layer += length
             if m.needs_base and base_idx_global is None:
                 base_idx_global = lead_idx
         # tensors outside the blocks: embeddings from the first slice, the rest from the last
-        for pos, sl in ((0, slices[0]), (len(slices) - 1, slices[-1])):
+        for pre, pos, sl in ((True, 0, slices[0]), (False, len(slices) - 1, slices[-1])):
             base_ref = sl.base_model or r.base_model
             srcs = [s for s in sl.sources if not (m.needs_base and s.model == base_ref)]
             lead_idx = self.index[base_ref] if m.needs_base and base_ref else self.index[srcs[0].model]
             lead_ck = self.checkpoints[lead_idx]
             experts = [self.index[s.model] for s in srcs]
             for name in self._ordered_names(lead_ck):
-                if layer_index(name) is not None or is_pre_layer(name) != (pos == 0):
+                if layer_index(name) is not None or is_pre_layer(name) != pre:
                     continue
                 info = lead_ck.info(name)
-                self._check_inputs(name, lead_idx, experts, info.shape)
+                row_fix = self._check_inputs(name, lead_idx, experts, info.shape)
+                pad_from = None
+                ref_ck = self.checkpoints[reference]
+                if lead_idx != reference and name in ref_ck and ref_ck.info(name).shape != info.shape:
+                    # the output must agree with the model whose config it carries (the first slice's)
+                    self._check_inputs(name, reference, [lead_idx], ref_ck.info(name).shape)
+                    info = ref_ck.info(name)
+                    row_fix, pad_from = True, InputRef(reference, name)
                 t = self._position(name, None, None)
                 levels_g = [(sl.parameters, ("slices", pos, "parameters")), (r.parameters, ("parameters",))]
                 gparams = self.resolve(levels_g, name, t, per_model=False)
                 mparams = [self.resolve([(s.parameters, ())] + levels_g, name, t, per_model=True) for s in srcs]
                 item = self._item(name, info, out_dtype, InputRef(lead_idx, name) if m.needs_base else None,
-                                  [InputRef(x, name) for x in experts], mparams, gparams, lead_idx, name)
-                if pos == 0:
+                                  [InputRef(x, name) for x in experts], mparams, gparams, lead_idx, name, row_fix)
+                item.pad_from = pad_from
+                if pre:
                     items.insert(0, item)
                 else:
                     items.append(item)
@@ -419,7 +448,8 @@ class _Planner:
             raise PlanError(f"{self.loaded.source}: the slices produce duplicate tensor names")
         return items, reference, out_layer, base_idx_global, expert_set
 
-    def _item(self, out_name, info, out_dtype, base, inputs, mparams, gparams, lead_idx, lead_name) -> WorkItem:  # noqa: ANN001
+    def _item(self, out_name, info, out_dtype, base, inputs, mparams, gparams, lead_idx, lead_name,  # noqa: ANN001
+              row_fix: bool = False) -> WorkItem:
         is_float = info.dtype in FLOAT_DTYPES
         return WorkItem(
             name=out_name, shape=info.shape,
@@ -427,6 +457,7 @@ class _Planner:
             base=base, inputs=inputs, model_params=mparams, params=gparams,
             seed=tensor_seed(self.recipe.seed, out_name),
             copy_from=None if is_float else InputRef(lead_idx, lead_name),
+            row_fix=row_fix,
         )
 
 

@@ -49,8 +49,9 @@ class TensorInfo:
 def hf_cache_dirs() -> list[Path]:
     """The Hugging Face hub cache folders to look in, in the library's order of precedence."""
     dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]))
     if os.environ.get("HF_HOME"):
         dirs.append(Path(os.environ["HF_HOME"]) / "hub")
     if os.environ.get("XDG_CACHE_HOME"):
@@ -71,6 +72,8 @@ def resolve_reference(ref: str | os.PathLike[str]) -> Path:
     if not looks_like_repo:
         raise CheckpointError(f"{text}: no such file or directory")
     revision = revision or "main"
+    if "/" in revision or revision.startswith("."):
+        raise CheckpointError(f"{text}: invalid revision {revision!r}")
     searched = []
     for cache in hf_cache_dirs():
         root = cache / f"models--{parts[0]}--{parts[1]}"
@@ -82,6 +85,10 @@ def resolve_reference(ref: str | os.PathLike[str]) -> Path:
         snap = root / "snapshots" / commit
         if snap.is_dir():
             return snap
+        # a short commit hash
+        snaps = sorted(p for p in (root / "snapshots").glob(f"{commit}*") if p.is_dir()) if len(commit) >= 7 else []
+        if len(snaps) == 1:
+            return snaps[0]
     raise CheckpointError(
         f"{text}: not a local path, and not found in the Hugging Face cache "
         f"(looked in {', '.join(dict.fromkeys(searched))})",

@@ -102,12 +102,17 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     entries: dict[str, TensorEntry] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        try:
-            code = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({e})") from e
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+              and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in info["data_offsets"]))
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} "
+                                  "(expected dtype string, integer shape list and two integer data_offsets)")
+        code = info["dtype"]
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
         if code not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
         torch_name, itemsize = DTYPES[code]
@@ -125,9 +130,16 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         entries[name] = TensorEntry(name, torch_name, shape, data_start + begin, data_start + end)
         spans.append((begin, end, name))
     spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
+    expected = 0
+    for b, e, n in spans:
+        if b < expected:
+            raise CheckpointError(f"{path}: corrupt header: tensor {n!r} overlaps the tensor before it")
+        if b > expected:
+            raise CheckpointError(f"{path}: corrupt header: a gap of {b - expected} bytes before tensor {n!r}")
+        expected = e
+    if spans and expected != data_size:
+        raise CheckpointError(f"{path}: corrupt file: {data_size - expected} bytes after the last tensor",
+                              hint="the file may have been written by something else or be damaged")
     if not isinstance(metadata, dict):
         metadata = {}
     return entries, {str(k): str(v) for k, v in metadata.items()}

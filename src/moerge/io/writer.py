@@ -37,7 +37,10 @@ def parse_size(text: str | int) -> int:
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
     if not m:
         raise OutputError(f"cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    value = float(m.group(1))
+    try:
+        value = float(m.group(1))
+    except ValueError:
+        raise OutputError(f"cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)") from None
     power = " kmgt".index(m.group(2).lower() or " ")
     base = 1024 if m.group(3) else 1000
     size = int(value * base**power)
@@ -71,14 +74,40 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temp_dirs(out_dir: Path) -> list[Path]:
-    """Remove temporary siblings left by merges whose process no longer exists."""
+    """Remove temporary siblings left by merges whose process no longer exists.
+
+    A previous model set aside by an interrupted ``--force`` replacement
+    (``...-old-...``) is never deleted: if the output is missing it is put back.
+    """
     removed = []
     for p in out_dir.parent.glob(f".{out_dir.name}{TMP_MARK}*"):
         m = re.search(re.escape(TMP_MARK) + r"(\d+)-", p.name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if "-old-" in p.name:
+            if not out_dir.exists():
+                os.rename(p, out_dir)  # a crash between the two renames of a forced replacement
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    res = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return res == 0
 
 
 class ModelWriter:
@@ -207,9 +236,16 @@ class ModelWriter:
         _fsync_dir(self.tmp)
         trash = None
         if self.out_dir.exists():
-            trash = self.out_dir.parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(3)}"
-            os.rename(self.out_dir, trash)
-        os.rename(self.tmp, self.out_dir)
+            if not self.force:
+                raise OutputError(f"{self.out_dir} appeared while merging; not replacing it without --force")
+            if _exchange(self.tmp, self.out_dir):
+                trash = self.tmp  # now holds the previous output
+            else:
+                trash = self.out_dir.parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(3)}"
+                os.rename(self.out_dir, trash)
+                os.rename(self.tmp, self.out_dir)
+        else:
+            os.rename(self.tmp, self.out_dir)
         _fsync_dir(self.out_dir.parent)
         self._closed = True
         if trash is not None:

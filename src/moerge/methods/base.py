@@ -55,6 +55,7 @@ class Param:
     arg: str | None = None  # Python keyword when the name is reserved (lambda)
     gradient: bool = True  # may be given as a list interpolated across layers
     in_mergekit: bool = True  # mergekit 0.1.5 reads this parameter for this method (else: it ignores it)
+    constant: bool = False  # one value for the whole merge: no gradient, no filter
 
     @property
     def kwarg(self) -> str:

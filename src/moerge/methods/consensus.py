@@ -161,7 +161,9 @@ class TaskVectorMerger(TensorMerger):
                 if p < sp.passes:
                     sp.end_pass(p)
         else:
-            self.tie = -1.0 if self.sign_count < 0 else 1.0
+            # the reference fills exact ties with sign(Σ elected signs); when that is 0 too its mask
+            # keeps the negative entries, i.e. elects −
+            self.tie = 1.0 if self.sign_count > 0 else -1.0
         if p == self.passes - 1 or p == self.sparse_passes - 1:
             for sp in self.sparsifiers:
                 sp.restart()

@@ -12,7 +12,7 @@ class LinearMerger(TensorMerger):
     def __init__(self, weight: list[float], normalize: bool) -> None:
         self.weight = weight
         total = sum(weight)
-        if normalize and total == 0:
+        if normalize and abs(total) < 1e-8:
             raise ValueError("the weights sum to zero; set normalize: false or change them")
         self.divide = total if normalize else 1.0
 

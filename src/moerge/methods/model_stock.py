@@ -15,8 +15,9 @@ class ModelStockMerger(TensorMerger):
 
     passes = 1
 
-    def __init__(self, shape: tuple[int, ...], n_models: int, filter_wise: bool) -> None:
+    def __init__(self, shape: tuple[int, ...], n_models: int, filter_wise: bool, conventions: str = "paper") -> None:
         self.n = n_models
+        self.conventions = conventions
         self.row_aligned = filter_wise and len(shape) >= 2
         numel = 1
         for d in shape:
@@ -46,7 +47,13 @@ class ModelStockMerger(TensorMerger):
         norms = self.sq.sqrt()
         cos = torch.zeros(self.rows, dtype=torch.float64)
         for k, (i, j) in enumerate(self.pairs):
-            cos += (self.dots[k] / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
+            if self.conventions == "mergekit":
+                # mergekit floors the product of the norms at 1e-6, which shrinks the cosine of small
+                # task vectors toward 0 (and t toward the base)
+                denom = (norms[i] * norms[j]).clamp_min(1e-6)
+            else:
+                denom = norms[i].clamp_min(1e-8) * norms[j].clamp_min(1e-8)
+            cos += (self.dots[k] / denom).clamp(-1.0, 1.0)
         cos /= len(self.pairs)
         denom = 1.0 + (self.n - 1) * cos
         # cos = −1/(N−1) makes the ratio blow up; keep the base there (as mergekit does)
@@ -75,11 +82,12 @@ class ModelStockMerger(TensorMerger):
     needs_base=True,
     min_models=2,
 )
-def model_stock(shape: tuple[int, ...], *, filter_wise: bool, n_models: int) -> ModelStockMerger:
+def model_stock(shape: tuple[int, ...], *, filter_wise: bool, n_models: int,
+                conventions: str = "paper") -> ModelStockMerger:
     """θ = t·mean(θᵢ) + (1−t)·θ₀ with cosθ the mean pairwise cosine of the task vectors.
 
     For more than two models the paper leaves the angle open; like mergekit and
     FusionBench we average the pairwise cosines. Zero task vectors count as
     orthogonal (t = 0, the base).
     """
-    return ModelStockMerger(shape, n_models, filter_wise)
+    return ModelStockMerger(shape, n_models, filter_wise, conventions)

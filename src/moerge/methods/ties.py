@@ -8,8 +8,15 @@ import torch
 
 from moerge.methods.base import DENSITY, LAMBDA, WEIGHT, Param, register
 from moerge.methods.blocks import RankSelect
-from moerge.methods.consensus import (CONSENSUS, DIVISOR, SIGN_ELECTION, RankWindowSparsifier, Sparsifier,
-                                      TaskVectorMerger, ThresholdSparsifier)
+from moerge.methods.consensus import (
+    CONSENSUS,
+    DIVISOR,
+    SIGN_ELECTION,
+    RankWindowSparsifier,
+    Sparsifier,
+    TaskVectorMerger,
+    ThresholdSparsifier,
+)
 from moerge.methods.sparsify import topk_window
 
 TRIM_SCOPE = ("model", "tensor")
@@ -17,7 +24,7 @@ TRIM_SCOPE = ("model", "tensor")
 TIES_CONVENTIONS = (
     Param("trim_scope", str, "model", "trim over the whole task vector of each model (TIES "
           "reference code) or per tensor (mergekit, PEFT)", choices=TRIM_SCOPE,
-          defaults={"mergekit": "tensor"}, gradient=False, in_mergekit=False),
+          defaults={"mergekit": "tensor"}, gradient=False, in_mergekit=False, constant=True),
     Param("sign_election", str, "unweighted", "elect signs from the trimmed task vectors "
           "(paper, PEFT) or from the weighted ones (mergekit)", choices=SIGN_ELECTION,
           defaults={"mergekit": "weighted"}, gradient=False, in_mergekit=False),

@@ -1,0 +1,525 @@
+"""Merge speed and memory: moerge against mergekit 0.1.5 and the I/O floor, in one run.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.merge_speed                         # every size and method, 3 pairs
+    python -m benchmarks.merge_speed --quick                 # smoke test: 0.1B, 1 pair
+    python -m benchmarks.merge_speed --sizes 0.84B --methods linear,slerp --pairs 1 \\
+        --mergekit /path/to/venv/bin/mergekit-yaml
+    python -m benchmarks.merge_speed --replot benchmarks/results/DATE-HOST.json
+
+What it does, per model size:
+
+1. generates base + three experts once into ``benchmarks/cache/<size>/`` (Llama shape, bf16, seeded;
+   expert = base + sparse Gaussian deltas like a light fine-tune), skipped when already there;
+2. per method, writes ONE mergekit-format recipe and runs ``moerge merge`` and ``mergekit-yaml`` on it:
+   one warm-up of each (whose outputs are compared element by element), then ``--pairs`` alternating
+   pairs A B A B ..., each pair followed by the I/O floor (``cat`` of all inputs to /dev/null, and
+   ``dd ... conv=fsync`` of one output-sized file), all with a warm page cache;
+3. measures each whole child process with ``os.wait4``: wall, user+sys CPU, peak RSS;
+4. prints a table, writes ``benchmarks/results/<date>-<host>.json`` (every raw run, machine info,
+   medians, output checks) and a PNG (wall and peak RSS against model size).
+
+mergekit comes from ``benchmarks/setup_mergekit.sh`` (its own venv under the cache) unless
+``--mergekit`` names a ``mergekit-yaml``; ``--no-mergekit`` measures moerge and the floor only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = HERE / "cache"
+RESULTS = HERE / "results"
+
+# Llama shapes (bf16, vocab 32000, untied lm_head). 0.4B/0.84B/1.6B share every tensor shape and differ
+# only in depth, so wall time against size is a clean scaling curve; 0.1B needs a narrower model.
+SIZES: dict[str, dict[str, int]] = {
+    "0.1B": dict(hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4, vocab=32000),  # 99.5 M
+    "0.4B": dict(hidden=2048, intermediate=5632, layers=6, heads=32, kv_heads=4, vocab=32000),  # 395 M
+    "0.84B": dict(hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=4, vocab=32000),  # 836 M
+    "1.6B": dict(hidden=2048, intermediate=5632, layers=34, heads=32, kv_heads=4, vocab=32000),  # 1.63 B
+}
+EXPERT_SCALE, EXPERT_DENSITY, SHARD_SIZE = 0.01, 0.1, "2GB"  # deltas: 10% of entries, 0.01·rms
+EXPERTS = ("ft1", "ft2", "ft3")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp", "model_stock")
+RANDOM_METHODS = {"dare_ties"}  # mergekit's RNG differs from moerge's: report, don't judge
+TOOLS = ("moerge", "mergekit")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # neither tool may reach a hub
+
+
+def param_count(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> int:
+    kv = kv_heads * (hidden // heads)
+    per_layer = 2 * hidden + 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate
+    return 2 * vocab * hidden + hidden + layers * per_layer
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def model_complete(path: Path, shape: dict[str, int]) -> bool:
+    """moerge's writer publishes a model directory atomically, so a directory whose config has the
+    wanted shape and whose shards are all present is complete."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    keys = dict(hidden="hidden_size", intermediate="intermediate_size", layers="num_hidden_layers",
+                heads="num_attention_heads", kv_heads="num_key_value_heads", vocab="vocab_size")
+    if any(cfg.get(k) != shape[s] for s, k in keys.items()):
+        return False
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return all((path / s).exists() for s in shards)
+    return (path / "model.safetensors").exists()
+
+
+def ensure_models(size: str) -> Path:
+    """Generate base, ft1, ft2, ft3 for ``size`` unless already present (seeded, so reproducible)."""
+    from moerge.testing import make_llama_like_big, perturb
+
+    root, shape = CACHE / size, SIZES[size]
+    for name in ("base", *EXPERTS):
+        path = root / name
+        if model_complete(path, shape):
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        t0 = time.perf_counter()
+        if name == "base":
+            make_llama_like_big(path, **shape, seed=0, shard_size=SHARD_SIZE)
+        else:
+            perturb(root / "base", path, scale=EXPERT_SCALE, density=EXPERT_DENSITY,
+                    seed=EXPERTS.index(name) + 1, shard_size=SHARD_SIZE)
+        print(f"  generated {size}/{name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return root
+
+
+def shards(model: Path) -> list[Path]:
+    return sorted(model.glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+def recipe(method: str, root: Path) -> dict:
+    """The mergekit-format recipe both tools run (weights 1.0, bf16 output)."""
+    base, fts = str(root / "base"), [str(root / f) for f in EXPERTS]
+
+    def experts(**params: float) -> list[dict]:
+        return [{"model": f, "parameters": {"weight": 1.0, **params}} for f in fts]
+
+    r: dict = {"merge_method": method}
+    if method == "linear":
+        r["models"] = experts()
+    elif method == "slerp":
+        r |= {"base_model": base, "models": [{"model": base}, {"model": fts[0]}], "parameters": {"t": 0.5}}
+    elif method == "model_stock":
+        r |= {"base_model": base, "models": [{"model": f} for f in fts]}
+    else:
+        params = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
+                  "breadcrumbs": {"density": 0.9, "gamma": 0.01}}[method]
+        r |= {"base_model": base, "models": experts(**params)}
+    r["dtype"] = "bfloat16"
+    return r
+
+
+def recipe_inputs(r: dict) -> list[Path]:
+    """Every safetensors file the recipe reads (each model once)."""
+    models = dict.fromkeys([r["base_model"]] if "base_model" in r else [])
+    models |= dict.fromkeys(m["model"] for m in r["models"])
+    return [s for m in models for s in shards(Path(m))]
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def measure(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> dict:
+    """Run one child to completion; wall time from outside, CPU and peak RSS from its rusage
+    (which covers the child and every descendant it waited for)."""
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=ENV)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if log:
+            out.close()
+    return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "cpu": ru.ru_utime + ru.ru_stime,
+            "rss_mib": ru.ru_maxrss / 1024, "rc": p.returncode}
+
+
+def warm(files: list[Path]) -> None:
+    """Pull the inputs into the page cache (untimed)."""
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    os.sync()  # write back dirty pages now, untimed, rather than during the next run
+
+
+def floor_write_cmd(base: Path, out: Path) -> list[str]:
+    """Write a file of the output's size (one per base shard), fsynced, as one process tree."""
+    parts = [f"dd if='{s}' of='{out}/{s.name}' bs=16M conv=fsync status=none" for s in shards(base)]
+    return ["sh", "-c", f"mkdir -p '{out}' && " + " && ".join(parts)]
+
+
+def tail(log: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def compare(mine: Path, ref: Path) -> dict:
+    """Element-wise comparison of two model directories (bf16 outputs), read with the safetensors
+    package as an independent reader. ulps are counted on the bf16 bit patterns."""
+    import torch
+    from safetensors import safe_open
+
+    def index(d: Path) -> dict[str, Path]:
+        out = {}
+        for s in shards(d):
+            with safe_open(s, "pt") as f:
+                out |= dict.fromkeys(f.keys(), s)
+        return out
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:  # bf16 bits -> integers in value order
+        b = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(b < 0, -(b & 0x7FFF), b)
+
+    a_idx, b_idx = index(mine), index(ref)
+    res = {"missing": sorted(set(b_idx) - set(a_idx)), "extra": sorted(set(a_idx) - set(b_idx)),
+           "bad_shape_or_dtype": [], "max_abs_diff": 0.0, "max_ulps": 0, "numel": 0, "n_diff": 0, "n_gt2ulp": 0}
+    for name in sorted(set(a_idx) & set(b_idx)):
+        with safe_open(a_idx[name], "pt") as fa, safe_open(b_idx[name], "pt") as fb:
+            a, b = fa.get_tensor(name), fb.get_tensor(name)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            res["bad_shape_or_dtype"].append(f"{name}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
+            continue
+        res["max_abs_diff"] = max(res["max_abs_diff"], float((a.float() - b.float()).abs().max()))
+        ulps = (ordered(a.to(torch.bfloat16)) - ordered(b.to(torch.bfloat16))).abs()
+        res["max_ulps"] = max(res["max_ulps"], int(ulps.max()))
+        res["numel"] += a.numel()
+        res["n_diff"] += int((ulps > 0).sum())
+        res["n_gt2ulp"] += int((ulps > 2).sum())
+        del a, b, ulps
+    res["frac_diff"] = res["n_diff"] / max(res["numel"], 1)
+    res["frac_gt2ulp"] = res["n_gt2ulp"] / max(res["numel"], 1)
+    return res
+
+
+def verdict(check: dict, method: str) -> str:
+    if check.get("error"):
+        return "FAIL (" + check["error"] + ")"
+    if check["missing"] or check["extra"] or check["bad_shape_or_dtype"]:
+        return "FAIL (tensor names, shapes or dtypes differ)"
+    if method in RANDOM_METHODS:
+        return "n/a (different RNG)"
+    return "ok" if check["frac_gt2ulp"] <= 1e-5 else "FAIL (> 2 ulps)"
+
+
+# ------------------------------------------------------------------------------------------- the bench
+
+
+def bench_method(size: str, method: str, tools: dict[str, list[str]], pairs: int, runs: list, checks: list) -> None:
+    root = CACHE / size
+    rdir, work, logs = root / "recipes", root / "out", CACHE / "logs"
+    for d in (rdir, work, logs):
+        d.mkdir(parents=True, exist_ok=True)
+    r = recipe(method, root)
+    rpath = rdir / f"{method}.yaml"
+    rpath.write_text(yaml.safe_dump(r, sort_keys=False))
+    inputs = recipe_inputs(r)
+
+    def run(tool: str, rep: int, keep: bool = False) -> dict:
+        out, log = work / tool, logs / f"{size}-{method}-{tool}.log"
+        remove(out)
+        warm(inputs)
+        if tool == "floor_read":
+            cmd = ["cat", *map(str, inputs)]  # stdout -> /dev/null (measure() with no log)
+            log = None
+        elif tool == "floor_write":
+            cmd = floor_write_cmd(root / "base", out)
+        else:
+            cmd = [*tools[tool], str(rpath), str(out)]
+        rec = {"size": size, "method": method, "tool": tool, "rep": rep, **measure(cmd, log, cwd=root)}
+        runs.append(rec)
+        status = "" if rec["rc"] == 0 else f"  EXIT {rec['rc']}"
+        print(f"    {tool:<12} {'warm-up' if rep < 0 else f'pair {rep + 1}':<8} {rec['wall']:8.2f} s "
+              f"cpu {rec['cpu']:7.1f} s  rss {rec['rss_mib']:7.0f} MiB{status}", flush=True)
+        if rec["rc"] != 0 and log:
+            print("      " + tail(log).replace("\n", "\n      "), flush=True)
+        if not keep:
+            remove(out)
+        return rec
+
+    print(f"  {size} {method}: {len(inputs)} input files, {sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB",
+          flush=True)
+    warmups = {t: run(t, -1, keep=True) for t in tools}
+    if "mergekit" in tools:
+        for tool in tools:
+            if tool == "mergekit":
+                continue
+            if warmups[tool]["rc"] or warmups["mergekit"]["rc"]:
+                check = {"error": "a tool failed"}
+            else:
+                check = compare(work / tool, work / "mergekit")
+            check |= {"size": size, "method": method, "tool": tool}
+            check["verdict"] = verdict(check, method)
+            checks.append(check)
+            print(f"    check {tool} vs mergekit: {check['verdict']}"
+                  + ("" if "error" in check else f"; max |diff| {check['max_abs_diff']:.3g}, max {check['max_ulps']}"
+                     f" ulps, {100 * check['frac_diff']:.3f}% differ, {100 * check['frac_gt2ulp']:.4f}% by > 2 ulps"),
+                  flush=True)
+    for tool in tools:
+        remove(work / tool)
+    for rep in range(pairs):
+        for tool in (*tools, "floor_read", "floor_write"):
+            run(tool, rep)
+
+
+def time_help(commands: dict[str, list[str]], runs: list, n: int = 5) -> None:
+    for rep in range(-1, n):  # one warm-up, then n alternating runs
+        for tool, cmd in commands.items():
+            rec = measure([*cmd, "--help"])
+            runs.append({"size": "-", "method": "--help", "tool": tool, "rep": rep, **rec})
+
+
+# -------------------------------------------------------------------------------------------- reporting
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Medians of the timed runs (warm-ups excluded) per size, method and tool; floor = read + write."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r["rep"] >= 0 and r["rc"] == 0:
+            groups.setdefault((r["size"], r["method"], r["tool"]), []).append(r)
+    med = {k: {"size": k[0], "method": k[1], "tool": k[2], "n": len(v),
+               **{m: statistics.median(x[m] for x in v) for m in ("wall", "cpu", "rss_mib")}}
+           for k, v in groups.items()}
+    for (size, method, tool), row in list(med.items()):
+        if tool == "floor_read" and (size, method, "floor_write") in med:
+            w = med[size, method, "floor_write"]
+            med[size, method, "floor"] = {"size": size, "method": method, "tool": "floor", "n": row["n"],
+                                          "wall": row["wall"] + w["wall"], "cpu": row["cpu"] + w["cpu"],
+                                          "rss_mib": max(row["rss_mib"], w["rss_mib"])}
+    for (size, method, _tool), row in med.items():
+        floor, mk = med.get((size, method, "floor")), med.get((size, method, "mergekit"))
+        row["x_floor"] = row["wall"] / floor["wall"] if floor else None
+        row["speedup_vs_mergekit"] = mk["wall"] / row["wall"] if mk else None
+        if size != "-":
+            row["params"] = param_count(**SIZES[size])
+    order = {t: i for i, t in enumerate((*TOOLS, "floor", "floor_read", "floor_write"))}
+    size_order = {s: i for i, s in enumerate(SIZES)}
+    return sorted(med.values(), key=lambda r: (r["method"] == "--help", METHODS.index(r["method"])
+                  if r["method"] in METHODS else 0, size_order.get(r["size"], -1), order.get(r["tool"], 9)))
+
+
+def table(medians: list[dict], checks: list[dict]) -> str:
+    tools = (*TOOLS, "moerge-cuda")
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{'method':<16}{'size':>6}  {'tool':<12}{'wall s':>9}{'cpu s':>9}{'peak RSS MiB':>14}"
+             f"{'x floor':>9}{'vs mergekit':>13}"]
+    for r in medians:
+        speed = r["speedup_vs_mergekit"] if r["tool"].startswith("moerge") else None
+        lines.append(f"{r['method']:<16}{r['size']:>6}  {r['tool']:<12}{r['wall']:>9.2f}{r['cpu']:>9.1f}"
+                     f"{r['rss_mib']:>14.0f}{f(r['x_floor'] if r['tool'] in tools else None, '9.2f'):>9}"
+                     f"{f(speed, '12.1f') + ('x' if speed else ''):>13}")
+    if checks:
+        lines += ["", f"{'output check':<16}{'size':>6}  {'tool':<12}{'max|diff|':>10}{'max ulps':>9}"
+                  f"{'% differ':>10}{'% >2ulps':>10}  verdict"]
+        for c in checks:
+            if "error" in c:
+                lines.append(f"{c['method']:<16}{c['size']:>6}  {c['tool']:<12}  {c['verdict']}")
+                continue
+            lines.append(f"{c['method']:<16}{c['size']:>6}  {c['tool']:<12}{c['max_abs_diff']:>10.3g}"
+                         f"{c['max_ulps']:>9}{100 * c['frac_diff']:>10.3f}{100 * c['frac_gt2ulp']:>10.4f}  {c['verdict']}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """(left) wall time vs model size per method and tool, with the I/O floor; (right) peak RSS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["medians"] if r["size"] != "-"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    style = {"moerge": ("-", "o"), "mergekit": ("--", "s"), "moerge-cuda": (":", "^")}
+    for method in METHODS:
+        for tool, (ls, mk) in style.items():
+            pts = sorted((r["params"] / 1e9, r["wall"], r["rss_mib"]) for r in rows
+                         if r["method"] == method and r["tool"] == tool)
+            if not pts:
+                continue
+            x, t, m = zip(*pts)
+            label = f"{method} ({tool})"
+            ax_t.plot(x, t, ls=ls, marker=mk, color=colors[method], label=label)
+            ax_m.plot(x, m, ls=ls, marker=mk, color=colors[method], label=label)
+    # one floor line per number of input models (linear reads 3 models, slerp 2, the others 4)
+    floors: dict[int, dict[float, float]] = {}
+    for r in rows:
+        if r["tool"] == "floor":
+            n_in = {"linear": 3, "slerp": 2}.get(r["method"], 4)
+            floors.setdefault(n_in, {})[r["params"] / 1e9] = r["wall"]
+    for n_in, pts in sorted(floors.items()):
+        x = sorted(pts)
+        ax_t.plot(x, [pts[v] for v in x], ls=":", marker="x", color=str(0.15 * n_in - 0.2),
+                  label=f"I/O floor ({n_in} inputs read + 1 written)")
+    ax_m.axhline(1000 / 1.048576, color="gray", lw=0.8, ls=":", label="1.0 GB")
+    ax_t.set(yscale="log", xlabel="model size (billion parameters, bf16)", ylabel="wall time (s, median)",
+             title="Merge wall time (warm cache)")
+    ax_m.set(xlabel="model size (billion parameters, bf16)", ylabel="peak RSS (MiB, median)",
+             title="Peak memory of the whole process", ylim=(0, None))
+    for ax in (ax_t, ax_m):
+        ax.grid(True, alpha=0.3)
+    ax_m.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax_t.legend(fontsize=7, ncol=1, loc="best")
+    m = result["machine"]
+    fig.suptitle(f"moerge vs mergekit {m.get('mergekit_version') or ''} — {m['cpu_model']}, {m['nproc']} cores, "
+                 f"{m['ram_gib']:.0f} GiB, {result['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info(mergekit: str | None) -> dict:
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem_kib = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                   if ln.startswith("MemTotal"))
+
+    def out(cmd: list[str]) -> str | None:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    mk_version = None
+    if mergekit:
+        mk_python = Path(mergekit).parent / "python"
+        mk_version = out([str(mk_python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"])
+    dirty = out(["git", "-C", str(REPO), "status", "--porcelain", "src"])
+    return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "ram_gib": mem_kib / 2**20,
+            "cpu_model": cpu, "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "moerge_commit": out(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+            "moerge_src_dirty": bool(dirty), "mergekit": mergekit, "mergekit_version": mk_version}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def find_mergekit(arg: str | None) -> str:
+    if arg:
+        return str(Path(arg).resolve())
+    exe = CACHE / "mergekit-venv" / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        subprocess.run(["bash", str(HERE / "setup_mergekit.sh")], check=True)
+    return str(exe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.merge_speed", description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--pairs", type=int, default=3, help="timed A/B pairs after the warm-up (default 3)")
+    ap.add_argument("--mergekit", metavar="PATH", help="a mergekit-yaml to use instead of the benchmark's venv")
+    ap.add_argument("--no-mergekit", action="store_true", help="measure moerge and the floor only")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 0.1B only, 1 pair")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier result file")
+    args = ap.parse_args(argv)
+
+    if args.replot:
+        src = Path(args.replot)
+        plot(json.loads(src.read_text()), src.with_suffix(".png"))
+        print(f"wrote {src.with_suffix('.png')}")
+        return 0
+    if args.quick:
+        args.sizes, args.pairs = "0.1B", 1
+    sizes, methods = args.sizes.split(","), args.methods.split(",")
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r} (choose from {', '.join(SIZES)})")
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r} (choose from {', '.join(METHODS)})")
+
+    moerge = Path(sys.executable).parent / "moerge"  # the console script itself, not a pyenv shim
+    moerge_cmd = [str(moerge)] if moerge.exists() else [sys.executable, "-m", "moerge"]
+    tools = {"moerge": [*moerge_cmd, "merge", "--force", "-q"]}
+    help_cmds = {"moerge": moerge_cmd}
+    mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
+    if mergekit:
+        tools["mergekit"] = [mergekit, "--random-seed", "0", "--no-write-model-card"]
+        help_cmds["mergekit"] = [mergekit]
+    machine = machine_info(mergekit)
+    if machine["cuda_available"]:
+        tools["moerge-cuda"] = [*tools["moerge"], "--device", "cuda"]
+    print(f"machine: {machine['cpu_model']}, {machine['nproc']} cores, {machine['ram_gib']:.1f} GiB, "
+          f"torch {machine['torch']}, CUDA {'yes: ' + machine['cuda_device'] if machine['cuda_available'] else 'no'}",
+          flush=True)
+
+    runs: list[dict] = []
+    checks: list[dict] = []
+    started = time.time()
+    print("timing --help (median of 5)", flush=True)
+    time_help(help_cmds, runs)
+    for size in sizes:
+        print(f"models {size} ({param_count(**SIZES[size]) / 1e9:.2f} B params)", flush=True)
+        ensure_models(size)
+        for method in methods:
+            bench_method(size, method, tools, args.pairs, runs, checks)
+
+    date, host = datetime.date.today().isoformat(), socket.gethostname()
+    result = {"date": date, "host": host, "argv": sys.argv[1:], "seconds": time.time() - started,
+              "machine": machine, "tools": tools, "sizes": {s: SIZES[s] for s in sizes},
+              "recipes": {m: recipe(m, Path("<cache>/<size>")) for m in methods},
+              "medians": summarize(runs), "checks": checks, "runs": runs}
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"{date}-{host}{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print()
+    print(table(result["medians"], checks))
+    print(f"\nwrote {stem}.json and {stem}.png ({result['seconds'] / 60:.1f} min)")
+    failed = [r for r in runs if r["rc"] != 0] + [c for c in checks if c["verdict"].startswith("FAIL")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
