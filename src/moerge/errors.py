@@ -8,6 +8,8 @@ unless ``--debug``) and exits with :attr:`MoergeError.exit_code`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class MoergeError(Exception):
     """Base class for every user-facing moerge error."""
@@ -44,7 +46,7 @@ class UnknownMethodError(RecipeError):
     """No merge method is registered under the requested name."""
 
 
-def closest(word: str, candidates: list[str] | tuple[str, ...] | set[str]) -> str | None:
+def closest(word: str, candidates: Iterable[str]) -> str | None:
     """Return the candidate closest to ``word`` by edit distance, if it is close enough."""
     import difflib
 
@@ -52,7 +54,7 @@ def closest(word: str, candidates: list[str] | tuple[str, ...] | set[str]) -> st
     return matches[0] if matches else None
 
 
-def did_you_mean(word: str, candidates: list[str] | tuple[str, ...] | set[str]) -> str:
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Format a ``did you mean`` suffix (empty when nothing is close)."""
     best = closest(word, candidates)
     return f" (did you mean {best!r}?)" if best else ""

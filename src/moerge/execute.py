@@ -137,8 +137,8 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
     try:
         merger = plan.method.build(item.shape, item.model_params, item.params, seed=item.seed, notes=notes,
                                    conventions=plan.recipe.conventions, **extra)
-    except ValueError as e:
-        raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {e}") from None
+    except ValueError as err:
+        raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {err}") from None
     ranges = block_ranges(numel, item.shape, block, merger.row_aligned)
     first = True
     for p in range(merger.passes):

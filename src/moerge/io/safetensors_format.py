@@ -131,12 +131,13 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         spans.append((begin, end, name))
     spans.sort()
     expected = 0
-    for b, e, n in spans:
-        if b < expected:
-            raise CheckpointError(f"{path}: corrupt header: tensor {n!r} overlaps the tensor before it")
-        if b > expected:
-            raise CheckpointError(f"{path}: corrupt header: a gap of {b - expected} bytes before tensor {n!r}")
-        expected = e
+    for span_begin, span_end, span_name in spans:
+        if span_begin < expected:
+            raise CheckpointError(f"{path}: corrupt header: tensor {span_name!r} overlaps the tensor before it")
+        if span_begin > expected:
+            raise CheckpointError(
+                f"{path}: corrupt header: a gap of {span_begin - expected} bytes before tensor {span_name!r}")
+        expected = span_end
     if spans and expected != data_size:
         raise CheckpointError(f"{path}: corrupt file: {data_size - expected} bytes after the last tensor",
                               hint="the file may have been written by something else or be damaged")

@@ -29,8 +29,8 @@ def breadcrumbs_sparsifiers(shape: tuple[int, ...], density: list[float], gamma:
     for d in shape:
         n *= d
     out: list[Sparsifier] = []
-    for d, g in zip(density, gamma):
-        n_bot, n_top = breadcrumbs_counts(n, d, g)
+    for dens, gam in zip(density, gamma):
+        n_bot, n_top = breadcrumbs_counts(n, dens, gam)
         out.append(RankWindowSparsifier(n, n_bot, n - n_top) if n_bot or n_top else Sparsifier())
     return out
 
