@@ -1,9 +1,10 @@
 """Execution: stream the plan tensor by tensor, block by block, into the writer.
 
-Worker threads each take one output tensor: read its inputs (``os.preadv``,
-which releases the GIL), run the method's statistics passes and output pass
-over blocks of about a million elements in float32 (so temporaries stay small
-and in cache), and round the result to the output dtype. The calling thread
+Worker threads each take one output tensor and run the method's statistics
+passes and output pass over blocks of about a million elements: each block of
+each input is read straight from its file (``os.preadv`` from the page cache,
+which releases the GIL), converted to float32, and dropped after use, so memory
+holds blocks rather than tensors. The result is rounded to the output dtype. The calling thread
 hands finished tensors, in plan order, to a writer thread. A byte budget bounds
 how many tensors are in flight, so peak memory is a small multiple of the
 largest tensor's inputs, whatever the model size.
@@ -53,12 +54,19 @@ def resolve_device(device: str | None) -> torch.device:
 
 @dataclass
 class _Inputs:
-    """One work item's input tensors: raw (stored dtype), flat, on the compute device."""
+    """One work item's inputs: whole raw tensors (flat, on the device), or None to read blocks lazily."""
 
     item: WorkItem
     base: torch.Tensor | None
-    models: list[torch.Tensor]
-    refs: list[InputRef]  # base first (if any), then models, for error messages
+    models: list[torch.Tensor] | None
+    refs: list[InputRef]  # base first (if any), then models
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.item.shape:
+            n *= d
+        return n
 
 
 class _Reader:
@@ -95,15 +103,33 @@ class _Reader:
         out[: t.shape[0]] = t
         return out
 
-    def load(self, item: WorkItem) -> _Inputs:
+    def load(self, item: WorkItem, whole: bool = False) -> _Inputs:
+        """Prepare an item's inputs. Normally nothing is read here: :meth:`blocks` reads each block
+        straight from the files (page cache), so memory holds blocks, not tensors. Inputs whose rows
+        must be cropped or padded (vocabulary policy) are read whole."""
+        refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+        if not (whole or item.row_fix):
+            return _Inputs(item, None, None, refs)
         base = self._input(item.base, item) if item.base is not None else None
         models = [self._input(r, item) for r in item.inputs]
-        refs = ([item.base] if item.base is not None else []) + list(item.inputs)
         return _Inputs(item, base, models, refs)
 
+    def _block(self, ref: InputRef, s: int, e: int) -> torch.Tensor:
+        t = self.plan.checkpoints[ref.model].read(ref.tensor, s, e - s).reshape(-1)
+        with self._lock:
+            self.bytes_read += t.numel() * t.element_size()
+        if self.load_dtype is not None and t.dtype != self.load_dtype:
+            t = t.to(self.load_dtype)
+        return t.to(self.device, non_blocking=True)
+
     def blocks(self, inp: _Inputs, s: int, e: int, check: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        base = inp.base[s:e].to(COMPUTE_DTYPE) if inp.base is not None else None
-        models = [m[s:e].to(COMPUTE_DTYPE) for m in inp.models]
+        if inp.models is None:
+            item = inp.item
+            base = self._block(item.base, s, e).to(COMPUTE_DTYPE) if item.base is not None else None
+            models = [self._block(r, s, e).to(COMPUTE_DTYPE) for r in item.inputs]
+        else:
+            base = inp.base[s:e].to(COMPUTE_DTYPE) if inp.base is not None else None
+            models = [m[s:e].to(COMPUTE_DTYPE) for m in inp.models]
         if check and not self.allow_nonfinite:
             for ref, t in zip(inp.refs, ([base] if base is not None else []) + models):
                 # NaN propagates through amax/amin and ±Inf shows there: two reductions, no mask
@@ -133,7 +159,7 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
         return reader.raw(item.copy_from), {}
     inp = reader.load(item)
     notes: dict[str, Any] = {}
-    numel = inp.models[0].numel()
+    numel = inp.numel
     try:
         merger = plan.method.build(item.shape, item.model_params, item.params, seed=item.seed, notes=notes,
                                    conventions=plan.recipe.conventions, **extra)
@@ -178,7 +204,7 @@ def _run_prepass(plan: Plan, reader: _Reader, block: int, budget: int) -> dict[s
                 pending = None
                 if k + 1 < len(items) and costs[k] + costs[k + 1] <= budget:
                     pending = pool.submit(reader.load, items[k + 1])
-                for s, e in block_ranges(inp.models[0].numel(), item.shape, block, False):
+                for s, e in block_ranges(inp.numel, item.shape, block, False):
                     base, models = reader.blocks(inp, s, e, p == 0)
                     try:
                         prepass.observe(p, item.name, s, base, models, item.model_params)
