@@ -213,3 +213,14 @@ def test_model_stock_small_task_vectors_keep_their_angle():
     # mergekit floors the product of the norms at 1e-6, which sends tiny task vectors to the base
     mk = run("model_stock", base, models, conventions="mergekit", extra={"conventions": "mergekit"})
     assert float(mk.abs().max()) < 0.01 * float(out.abs().max())
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from moerge.demo import run_demo
+
+    lines: list[str] = []
+    table = run_demo(tmp_path / "demo", steps=3, pretrain_steps=3, echo=lines.append)
+    assert set(table) == {"base", "expert-counting", "expert-alphabet", "expert-colors", "merged"}
+    assert all(v > 0 for row in table.values() for v in row.values())
+    assert (tmp_path / "demo/merged/model.safetensors").is_file()
+    assert any("the merged model continues" in line for line in lines)
