@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moerge.errors import PlanError, did_you_mean
+from moerge.errors import PlanError, UnknownMethodError, did_you_mean
 from moerge.io.checkpoint import Checkpoint
 from moerge.io.safetensors_format import tensor_nbytes
 from moerge.methods import MergeMethod, get_method
+from moerge.methods.base import REQUIRED
 from moerge.methods.sparsify import tensor_seed
 from moerge.recipe.loader import LoadedRecipe
 from moerge.recipe.params import NOT_SET, check_shape, evaluate, is_pre_layer, layer_index, with_layer_index
+from moerge.recipe.schema import Recipe
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # mergekit-only parameters that change nothing in moerge's arithmetic
@@ -72,7 +74,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
     @property
-    def recipe(self):  # noqa: ANN201 - Recipe
+    def recipe(self) -> Recipe:
         return self.loaded.recipe
 
     @property
@@ -106,15 +108,13 @@ class _Planner:
     def __init__(self, loaded: LoadedRecipe, *, allow_pickle: bool = False) -> None:
         self.loaded = loaded
         self.recipe = loaded.recipe
-        self.method = get_method(self.recipe.method) if not loaded.lines else self._method_with_line()
+        self.method = self._method_with_line()
         self.refs = self.recipe.model_refs()
         self.checkpoints = [Checkpoint.open(r, allow_pickle=allow_pickle) for r in self.refs]
         self.index = {r: i for i, r in enumerate(self.refs)}
         self.warnings: list[str] = []
 
     def _method_with_line(self) -> MergeMethod:
-        from moerge.errors import UnknownMethodError
-
         try:
             return get_method(self.recipe.method)
         except UnknownMethodError as e:
@@ -170,8 +170,6 @@ class _Planner:
                         break
             if value is NOT_SET:
                 value = p.default_for(self.recipe.conventions)
-                from moerge.methods.base import REQUIRED
-
                 if value is REQUIRED:
                     raise PlanError(f"{self.loaded.source}: {self.method.name} needs parameter {p.name!r} (for {tensor})")
             if p.kind is float and isinstance(value, int) and not isinstance(value, bool):
