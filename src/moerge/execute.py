@@ -12,6 +12,7 @@ largest tensor's inputs, whatever the model size.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -63,9 +64,7 @@ class _Inputs:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.item.shape:
-            n *= d
+        n = math.prod(self.item.shape)
         return n
 
 

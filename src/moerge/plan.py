@@ -9,6 +9,7 @@ disk. The executor then only streams.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,18 +91,12 @@ class Plan:
             "method": self.method.name,
             "conventions": self.recipe.conventions,
             "tensors": len(self.items),
-            "parameters": sum(_numel(i.shape) for i in self.items),
+            "parameters": sum(math.prod(i.shape) for i in self.items),
             "output_bytes": self.output_bytes,
             "input_bytes": self.input_bytes,
             "models": [c.ref for c in self.checkpoints],
         }
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class _Planner:

@@ -11,6 +11,7 @@ remote code runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -40,9 +41,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
+        n = math.prod(self.shape)
         return n
 
 

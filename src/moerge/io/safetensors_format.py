@@ -12,6 +12,7 @@ compute in other threads.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -57,9 +58,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
+        n = math.prod(self.shape)
         return n
 
     @property
@@ -209,9 +208,7 @@ def build_header(
     offset = 0
     for name, dtype, shape in tensors:
         code = TORCH_TO_CODE[dtype]
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         nbytes = n * DTYPES[code][1]
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         layout.append((name, offset, offset + nbytes))
@@ -222,7 +219,5 @@ def build_header(
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     return n * DTYPES[TORCH_TO_CODE[dtype]][1]

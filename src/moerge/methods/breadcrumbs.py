@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
 from moerge.methods.consensus import RankWindowSparsifier, Sparsifier, TaskVectorMerger
 from moerge.methods.sparsify import breadcrumbs_counts
@@ -25,9 +27,7 @@ def breadcrumbs_sparsifiers(shape: tuple[int, ...], density: list[float], gamma:
     A tensor too small for ⌊γn⌋ ≥ 1 drops no outlier and is *not* zeroed (older
     mergekit releases zeroed it: their slice ``[n_bot:-0]`` was empty).
     """
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     out: list[Sparsifier] = []
     for dens, gam in zip(density, gamma):
         n_bot, n_top = breadcrumbs_counts(n, dens, gam)

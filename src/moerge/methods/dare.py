@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
 from moerge.methods.consensus import TaskVectorMerger, drop_sparsifiers
 from moerge.methods.ties import TIES_CONVENTIONS, zero_sign_rule
@@ -22,12 +24,6 @@ DARE_PARAMS = (
 )
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
 
 @register(
     "dare_linear",
@@ -40,7 +36,7 @@ def dare_linear(shape: tuple[int, ...], *, weight: list[float], density: list[fl
                 rescale: bool, rescale_norm: str, normalize: bool, seed: int = 0) -> TaskVectorMerger:
     """θ₀ + λ·Σ wᵢ·DARE(τᵢ): keep each entry with probability p, seeded per (seed, tensor, model)."""
     return TaskVectorMerger(weight=weight, lam=lam, normalize=normalize,
-                            sparsifiers=drop_sparsifiers(_numel(shape), density, seed, rescale, rescale_norm))
+                            sparsifiers=drop_sparsifiers(math.prod(shape), density, seed, rescale, rescale_norm))
 
 
 @register(
@@ -58,6 +54,6 @@ def dare_ties(shape: tuple[int, ...], *, weight: list[float], density: list[floa
               seed: int = 0) -> TaskVectorMerger:
     """θ₀ + λ·disjoint-merge(elect(DARE(τᵢ)))."""
     return TaskVectorMerger(weight=weight, lam=lam,
-                            sparsifiers=drop_sparsifiers(_numel(shape), density, seed, rescale, rescale_norm),
+                            sparsifiers=drop_sparsifiers(math.prod(shape), density, seed, rescale, rescale_norm),
                             consensus=consensus_method, sign_election=sign_election, normalize=normalize,
                             divisor=divisor, zero_sign=zero_sign_rule(sign_election))

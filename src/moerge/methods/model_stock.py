@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -19,9 +20,7 @@ class ModelStockMerger(TensorMerger):
         self.n = n_models
         self.conventions = conventions
         self.row_aligned = filter_wise and len(shape) >= 2
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         self.rows = shape[0] if self.row_aligned else 1
         self.row_len = numel // self.rows if self.rows else 0
         self.pairs = list(itertools.combinations(range(n_models), 2))

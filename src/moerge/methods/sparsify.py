@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -39,9 +40,7 @@ def bernoulli_keep_range(start: int, stop: int, density: float, seed: int,
 def bernoulli_keep(shape: torch.Size | tuple[int, ...], density: float, seed: int,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """A whole keep-mask of ``shape`` (see :func:`bernoulli_keep_range`)."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     return bernoulli_keep_range(0, n, density, seed, device).view(tuple(shape))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -131,9 +132,7 @@ def ties(shape: tuple[int, ...], *, weight: list[float], density: list[float], l
     (ties in magnitude broken by position). ``"model"`` keeps |τ| ≥ the model's
     threshold from the whole-model pre-pass (without one, this tensor is the population).
     """
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     return TaskVectorMerger(weight=weight, lam=lam, sparsifiers=trim_sparsifiers(n, density, trim_scope, thresholds),
                             consensus=consensus_method, sign_election=sign_election, normalize=normalize,
                             divisor=divisor, zero_sign=zero_sign_rule(sign_election))
