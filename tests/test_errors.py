@@ -364,3 +364,15 @@ def test_forced_replacement_interrupted_between_renames_is_recovered(llama, tmp_
     os.rename(out, tmp_path / ".out.moerge-tmp-999999999-old-abc123")
     clean_stale_temp_dirs(out)
     assert (out / "marker").read_text() == "old"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_requested_without_cuda(llama, tmp_path):
+    with pytest.raises(PlanError, match="CUDA is not available"):
+        moerge.merge(recipe("linear", None, [llama["ft1"]]), tmp_path / "out", device="cuda")
+    assert only_output_siblings(tmp_path) == []
+
+
+def test_auto_device_merges(llama, tmp_path):
+    moerge.merge(recipe("linear", None, [llama["ft1"]]), tmp_path / "out", device="auto")
+    assert torch.equal(load_tensors(tmp_path / "out")["lm_head.weight"], load_tensors(llama["ft1"])["lm_head.weight"])
