@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -71,7 +70,6 @@ def test_ctrl_c_removes_partial_output(llama, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".moerge-tmp-" in p.name]
 
 
-@pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_existing_output_survives_a_killed_forced_merge(llama, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("previous model")

@@ -62,11 +62,6 @@ def merge(
     size = parse_size(shard_size)
     if dry_run:
         return MergeResult(None, plan.summary(), time.perf_counter() - t0, warnings=plan.warnings)
-    if out.exists() and not force:
-        from moerge.errors import OutputError
-
-        raise OutputError(f"{out} already exists", hint="pass --force to replace it")
-    check_disk_space(plan, out)
     tensors = [(i.name, i.dtype, i.shape) for i in plan.items]
     total = len(tensors)
     done = [0]
@@ -78,6 +73,7 @@ def merge(
 
     with ModelWriter(out, tensors, shard_size=size, force=force,
                      metadata={"format": "pt", "moerge_version": __version__}) as writer:
+        check_disk_space(plan, out)
         stats = execute(plan, writer, device=device, allow_nonfinite=allow_nonfinite, progress=on_tensor)
         cfg_ckpt = plan.checkpoints[plan.config_source]
         out_dtype = plan.recipe.output_dtype or _main_dtype(plan)

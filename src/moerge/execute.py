@@ -6,8 +6,8 @@ each input is read straight from its file (``os.preadv`` from the page cache,
 which releases the GIL), converted to float32, and dropped after use, so memory
 holds blocks rather than tensors. The result is rounded to the output dtype. The calling thread
 hands finished tensors, in plan order, to a writer thread. A byte budget bounds
-how many tensors are in flight, so peak memory is a small multiple of the
-largest tensor's inputs, whatever the model size.
+how many tensors are in flight (each holds its output and one block per
+input), so peak memory stays flat whatever the model size.
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ class _Inputs:
 
     @property
     def numel(self) -> int:
-        n = math.prod(self.item.shape)
-        return n
+        return math.prod(self.item.shape)
 
 
 class _Reader:
@@ -79,19 +78,18 @@ class _Reader:
         self.bytes_read = 0
         self._lock = threading.Lock()
 
-    def raw(self, ref: InputRef) -> torch.Tensor:
-        t = self.plan.checkpoints[ref.model].read(ref.tensor)
+    def raw(self, ref: InputRef, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """A tensor (or a flat element range of it) in its stored dtype, on the CPU."""
+        t = self.plan.checkpoints[ref.model].read(ref.tensor, start, count)
         with self._lock:
             self.bytes_read += t.numel() * t.element_size()
         return t
 
-    def _input(self, ref: InputRef, item: WorkItem) -> torch.Tensor:
-        t = self.raw(ref)
-        if item.row_fix and t.shape[0] != item.shape[0]:
-            t = self._fix_rows(t, item)
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Flat, rounded to mergekit's load dtype when that applies, on the compute device."""
         if self.load_dtype is not None and t.dtype != self.load_dtype:
             t = t.to(self.load_dtype)
-        return t.to(self.device, non_blocking=True).reshape(-1)
+        return t.reshape(-1).to(self.device, non_blocking=True)
 
     def _fix_rows(self, t: torch.Tensor, item: WorkItem) -> torch.Tensor:
         rows = item.shape[0]
@@ -102,30 +100,26 @@ class _Reader:
         out[: t.shape[0]] = t
         return out
 
-    def load(self, item: WorkItem, whole: bool = False) -> _Inputs:
+    def load(self, item: WorkItem) -> _Inputs:
         """Prepare an item's inputs. Normally nothing is read here: :meth:`blocks` reads each block
         straight from the files (page cache), so memory holds blocks, not tensors. Inputs whose rows
         must be cropped or padded (vocabulary policy) are read whole."""
         refs = ([item.base] if item.base is not None else []) + list(item.inputs)
-        if not (whole or item.row_fix):
+        if not item.row_fix:
             return _Inputs(item, None, None, refs)
-        base = self._input(item.base, item) if item.base is not None else None
-        models = [self._input(r, item) for r in item.inputs]
-        return _Inputs(item, base, models, refs)
-
-    def _block(self, ref: InputRef, s: int, e: int) -> torch.Tensor:
-        t = self.plan.checkpoints[ref.model].read(ref.tensor, s, e - s).reshape(-1)
-        with self._lock:
-            self.bytes_read += t.numel() * t.element_size()
-        if self.load_dtype is not None and t.dtype != self.load_dtype:
-            t = t.to(self.load_dtype)
-        return t.to(self.device, non_blocking=True)
+        whole = []
+        for r in refs:
+            t = self.raw(r)
+            whole.append(self._on_device(t if t.shape[0] == item.shape[0] else self._fix_rows(t, item)))
+        return _Inputs(item, whole[0] if item.base is not None else None,
+                       whole[1:] if item.base is not None else whole, refs)
 
     def blocks(self, inp: _Inputs, s: int, e: int, check: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         if inp.models is None:
             item = inp.item
-            base = self._block(item.base, s, e).to(COMPUTE_DTYPE) if item.base is not None else None
-            models = [self._block(r, s, e).to(COMPUTE_DTYPE) for r in item.inputs]
+            base = (self._on_device(self.raw(item.base, s, e - s)).to(COMPUTE_DTYPE)
+                    if item.base is not None else None)
+            models = [self._on_device(self.raw(r, s, e - s)).to(COMPUTE_DTYPE) for r in item.inputs]
         else:
             base = inp.base[s:e].to(COMPUTE_DTYPE) if inp.base is not None else None
             models = [m[s:e].to(COMPUTE_DTYPE) for m in inp.models]
@@ -144,13 +138,18 @@ class _Reader:
         return base, models
 
 
-def _item_cost(plan: Plan, item: WorkItem) -> int:
-    ref_bytes = 0
-    for r in ([item.base] if item.base is not None else []) + list(item.inputs) + (
-            [item.copy_from] if item.copy_from is not None else []):
+def _item_cost(plan: Plan, item: WorkItem, block: int) -> int:
+    """Bytes an item holds while in flight: its output, and its inputs (whole ones, or one block each)."""
+    refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+    if item.copy_from is not None:
+        refs = [item.copy_from]
+    whole = item.copy_from is not None or item.row_fix
+    cost = item.nbytes
+    for r in refs:
         info = plan.checkpoints[r.model].info(r.tensor)
-        ref_bytes += info.numel * torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
-    return ref_bytes + item.nbytes
+        itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
+        cost += (info.numel if whole else min(info.numel, block)) * itemsize
+    return cost
 
 
 def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, Any], block: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -187,30 +186,18 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
     return out.view(item.shape), notes
 
 
-def _run_prepass(plan: Plan, reader: _Reader, block: int, budget: int) -> dict[str, Any]:
+def _run_prepass(plan: Plan, reader: _Reader, block: int) -> dict[str, Any]:
     make = plan.method.prepass
     items = [i for i in plan.items if i.copy_from is None]
     prepass = make(items[0].params) if make is not None and items else None  # global params: one value
     if prepass is None:
         return {}
-    costs = [_item_cost(plan, i) for i in items]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moerge-prepass") as pool:
-        for p in range(prepass.passes):
-            # read the next tensor while this one is observed, when both fit in the budget
-            pending: Future[Any] | None = pool.submit(reader.load, items[0])
-            for k, item in enumerate(items):
-                inp = pending.result() if pending is not None else reader.load(item)
-                pending = None
-                if k + 1 < len(items) and costs[k] + costs[k + 1] <= budget:
-                    pending = pool.submit(reader.load, items[k + 1])
-                for s, e in block_ranges(inp.numel, item.shape, block, False):
-                    base, models = reader.blocks(inp, s, e, p == 0)
-                    try:
-                        prepass.observe(p, item.name, s, base, models, item.model_params)
-                    except ValueError as err:
-                        raise PlanError(str(err)) from None
-                del inp
-            prepass.end_pass(p)
+    for p in range(prepass.passes):
+        for item in items:
+            inp = reader.load(item)
+            for s, e in block_ranges(inp.numel, item.shape, block, False):
+                prepass.observe(p, item.name, s, *reader.blocks(inp, s, e, p == 0), item.model_params)
+        prepass.end_pass(p)
     return prepass.result()
 
 
@@ -220,17 +207,17 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
     """Run ``plan`` and stream every output tensor into ``writer`` (which is not committed here).
 
     ``workers`` tensors are merged concurrently (default: 2 on CPU, 1 on CUDA);
-    ``memory_budget`` bounds the bytes of inputs and outputs in flight (default:
-    the largest tensor's, or 512 MB if more).
+    ``memory_budget`` bounds the bytes held by tensors in flight (default: the
+    largest tensor's, or 512 MB if more).
     """
     dev = resolve_device(device)
     reader = _Reader(plan, dev, allow_nonfinite)
     stats = ExecStats()
     items = plan.items
-    costs = [_item_cost(plan, i) for i in items]
+    costs = [_item_cost(plan, i, block) for i in items]
     budget = memory_budget or max(max(costs, default=0), 512 << 20)
     t0 = time.perf_counter()
-    extra = _run_prepass(plan, reader, block, budget)
+    extra = _run_prepass(plan, reader, block)
     stats.prepass_seconds = time.perf_counter() - t0
     n_workers = workers or (1 if dev.type == "cuda" else 2)
 

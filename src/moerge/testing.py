@@ -9,8 +9,6 @@ large benchmark models without holding them in memory.
 from __future__ import annotations
 
 import json
-import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -139,18 +137,3 @@ def make_llama_like_big(path: str | Path, *, hidden: int, intermediate: int, lay
         w.write_text("config.json", json.dumps(d, indent=2))
         w.commit()
     return path
-
-
-def param_count(hidden: int, intermediate: int, layers: int, kv_heads: int, heads: int, vocab: int) -> int:
-    head = hidden // heads
-    per_layer = 2 * hidden + 2 * hidden * hidden + 2 * kv_heads * head * hidden + 3 * hidden * intermediate
-    return 2 * vocab * hidden + hidden + layers * per_layer
-
-
-def copy_model(src: str | Path, dst: str | Path) -> Path:
-    shutil.copytree(src, dst)
-    return Path(dst)
-
-
-def rms(t: torch.Tensor) -> float:
-    return math.sqrt(float(t.float().pow(2).mean()))

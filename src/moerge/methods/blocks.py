@@ -12,26 +12,28 @@ this), so the executor is free to pick blocks that fit in cache.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 BLOCK = 1 << 20  # default elements per block (4 MiB of float32)
 
 
-class TensorMerger:
-    """Base class: no statistics pass, elementwise output."""
+class TensorMerger(ABC):
+    """Base class: no statistics pass by default; subclasses define the output pass."""
 
     passes = 0
     row_aligned = False  # blocks must hold whole rows (dim 0) of the tensor
 
-    def observe(self, p: int, start: int, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:
+    def observe(self, p: int, start: int, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:  # noqa: B027 - optional hook
         """Accumulate statistics of pass ``p`` from one block."""
 
-    def end_pass(self, p: int) -> None:
+    def end_pass(self, p: int) -> None:  # noqa: B027 - optional hook
         """Called once after every block was observed in pass ``p``."""
 
+    @abstractmethod
     def emit(self, start: int, base: torch.Tensor | None, models: list[torch.Tensor]) -> torch.Tensor:
         """The merged values of one block."""
-        raise NotImplementedError
 
 
 def block_ranges(numel: int, shape: tuple[int, ...], block: int, row_aligned: bool) -> list[tuple[int, int]]:
@@ -95,7 +97,7 @@ class RankSelect:
             if sel.numel():
                 hist += torch.bincount(sel, minlength=1 << 16).cpu()
 
-    def end_pass(self, p: int) -> None:
+    def end_pass(self, p: int) -> None:  # noqa: B027 - optional hook
         if p == 0:
             cum = torch.cumsum(self.hist_hi, 0)
             for r in self.ranks:
@@ -140,9 +142,14 @@ class RankWindowMask:
         if self.select is not None:
             self.select.observe(p, values)
 
-    def end_pass(self, p: int) -> None:
+    def end_pass(self, p: int) -> None:  # noqa: B027 - optional hook
         if self.select is not None:
             self.select.end_pass(p)
+
+    def restart(self) -> None:
+        """Start a new pass of :meth:`mask` calls from the first block."""
+        self.seen_lo_eq = 0
+        self.seen_hi_eq = 0
 
     def mask(self, values: torch.Tensor) -> torch.Tensor | None:
         """Keep-mask of the next block (blocks must come in order)."""

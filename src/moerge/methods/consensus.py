@@ -43,7 +43,6 @@ class RankWindowSparsifier(Sparsifier):
     def __init__(self, n: int, lo: int, hi: int) -> None:
         self.window = RankWindowMask(n, lo, hi)
         self.passes = self.window.passes
-        self.lo, self.hi = lo, hi
 
     def observe(self, p: int, start: int, delta: torch.Tensor) -> None:
         self.window.observe(p, delta.abs())
@@ -52,8 +51,7 @@ class RankWindowSparsifier(Sparsifier):
         self.window.end_pass(p)
 
     def restart(self) -> None:
-        self.window.seen_lo_eq = 0
-        self.window.seen_hi_eq = 0
+        self.window.restart()
 
     def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
         return self.window.mask(delta.abs())

@@ -66,14 +66,8 @@ class GlobalTrimThreshold:
             self.select = [RankSelect([]) if d < 1.0 else None for d in self.density]
         if p == 0:
             self.total += base.numel()
-        for i, m in enumerate(models):
-            d = float(model_params[i]["density"])
-            if d != self.density[i]:
-                raise ValueError(
-                    f"trim_scope: model needs one density per model, but model {i + 1} has "
-                    f"{self.density[i]} and {d} (at {name}); use trim_scope: tensor for per-tensor densities"
-                )
-            sel = self.select[i]
+        # one density per model across all tensors is checked by the planner
+        for sel, m in zip(self.select, models):
             if sel is not None:
                 sel.observe(p, (m - base).abs_())
 
