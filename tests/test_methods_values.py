@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from moerge import native as kernels
 from moerge.methods import get_method
 from moerge.methods.blocks import RankSelect, RankWindowMask
 from moerge.methods.sparsify import breadcrumbs_counts, topk_window
@@ -28,7 +29,21 @@ def window_mask(values: torch.Tensor, lo: int, hi: int, block: int = 1 << 20) ->
     return torch.cat([w.mask(flat[s:e]) for s, e in ranges])
 
 
-def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, extra=None, block=None, **params):
+NATIVE = False  # which code path `run` takes; every test of this module runs on both
+
+
+@pytest.fixture(autouse=True, params=["torch", "native"])
+def code_path(request):
+    global NATIVE
+    if request.param == "native" and not kernels.available():
+        pytest.skip("native kernels not built")
+    NATIVE = request.param == "native"
+    yield request.param
+    NATIVE = False
+
+
+def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, extra=None, block=None,
+        native: bool | None = None, **params):
     """Call a registered method with its defaults for ``conventions``, overridden by ``params``."""
     m = get_method(name)
     g, per = {}, [{} for _ in models]
@@ -39,7 +54,8 @@ def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, e
                 per[i][p.name] = vals[i] if isinstance(vals, list) else vals
         else:
             g[p.name] = params.get(p.name, p.default_for(conventions))
-    return m(base, list(models), per, g, seed=seed, block=block, **(extra or {}))
+    return m(base, list(models), per, g, seed=seed, block=block, native=NATIVE if native is None else native,
+             **(extra or {}))
 
 
 def test_linear_weighted_normalized():

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from moerge import native
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.writer import ModelWriter
-from moerge.methods.blocks import BLOCK, block_ranges
+from moerge.methods.blocks import BLOCK, TensorMerger, block_ranges
 from moerge.plan import InputRef, Plan, WorkItem
 
 COMPUTE_DTYPE = torch.float32
@@ -77,6 +78,7 @@ class _Reader:
         self.load_dtype = getattr(torch, rec.dtype) if rec.conventions == "mergekit" and rec.dtype else None
         self.bytes_read = 0
         self._lock = threading.Lock()
+        self.native = device.type == "cpu" and native.available()
 
     def raw(self, ref: InputRef, start: int = 0, count: int | None = None) -> torch.Tensor:
         """A tensor (or a flat element range of it) in its stored dtype, on the CPU."""
@@ -115,14 +117,10 @@ class _Reader:
                        whole[1:] if item.base is not None else whole, refs)
 
     def blocks(self, inp: _Inputs, s: int, e: int, check: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        if inp.models is None:
-            item = inp.item
-            base = (self._on_device(self.raw(item.base, s, e - s)).to(COMPUTE_DTYPE)
-                    if item.base is not None else None)
-            models = [self._on_device(self.raw(r, s, e - s)).to(COMPUTE_DTYPE) for r in item.inputs]
-        else:
-            base = inp.base[s:e].to(COMPUTE_DTYPE) if inp.base is not None else None
-            models = [m[s:e].to(COMPUTE_DTYPE) for m in inp.models]
+        """Elements [s, e) of every input as float32 on the device (checked for NaN/Inf when ``check``)."""
+        base, models = self.raw_blocks(inp, s, e)
+        base = base.to(COMPUTE_DTYPE) if base is not None else None
+        models = [m.to(COMPUTE_DTYPE) for m in models]
         if check and not self.allow_nonfinite:
             for ref, t in zip(inp.refs, ([base] if base is not None else []) + models):
                 # NaN propagates through amax/amin and ±Inf shows there: two reductions, no mask
@@ -136,6 +134,36 @@ class _Reader:
                         hint="fix the checkpoint, or pass --allow-nonfinite to merge anyway",
                     )
         return base, models
+
+    def raw_blocks(self, inp: _Inputs, s: int, e: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Elements [s, e) of every input in its (load) dtype, on the device; for the native kernels,
+        dtypes they do not take are widened to float32."""
+        if inp.models is None:
+            item = inp.item
+            base = self._on_device(self.raw(item.base, s, e - s)) if item.base is not None else None
+            models = [self._on_device(self.raw(r, s, e - s)) for r in item.inputs]
+        else:
+            base = inp.base[s:e] if inp.base is not None else None
+            models = [m[s:e] for m in inp.models]
+        if self.native:
+            base = base if base is None or base.dtype in native.DT_CODES else base.to(COMPUTE_DTYPE)
+            models = [m if m.dtype in native.DT_CODES else m.to(COMPUTE_DTYPE) for m in models]
+        return base, models
+
+    def checked(self, nonfinite: int, inp: _Inputs, s: int, e: int) -> None:
+        """A native kernel saw ``nonfinite`` NaN/Inf inputs in block [s, e): raise the precise error."""
+        if nonfinite and not self.allow_nonfinite:
+            self.blocks(inp, s, e, True)
+            raise NonFiniteError(f"tensor {inp.item.name!r}: an input holds NaN/Inf in elements [{s}, {e})")
+
+
+def _output_error(method: str, item: WorkItem, overflow: bool) -> NonFiniteError:
+    return NonFiniteError(
+        f"{method} produced NaN/Inf in tensor {item.name!r} (stored as {item.dtype})",
+        hint=f"the merged values overflow {item.dtype}; choose another dtype, or pass "
+        "--allow-nonfinite to write it anyway" if overflow else
+        "check the recipe's parameters (e.g. weights summing to ~0 with normalize)",
+    )
 
 
 def _item_cost(plan: Plan, item: WorkItem, block: int) -> int:
@@ -164,40 +192,68 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
     except ValueError as err:
         raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {err}") from None
     ranges = block_ranges(numel, item.shape, block, merger.row_aligned)
+    out = torch.empty(numel, dtype=getattr(torch, item.dtype))
+    if reader.native and merger.native_ok():
+        _merge_native(plan, reader, merger, inp, ranges, out)
+        return out.view(item.shape), notes
     first = True
     for p in range(merger.passes):
         for s, e in ranges:
             merger.observe(p, s, *reader.blocks(inp, s, e, first))
         merger.end_pass(p)
         first = False
-    out = torch.empty(numel, dtype=getattr(torch, item.dtype))
     for s, e in ranges:
         exact = merger.emit(s, *reader.blocks(inp, s, e, first))
         blk = exact.to(out.dtype)
         if not reader.allow_nonfinite and not bool(torch.isfinite(blk).all()):
-            overflow = bool(torch.isfinite(exact).all())  # finite in float32, not in the output dtype
-            raise NonFiniteError(
-                f"{plan.method.name} produced NaN/Inf in tensor {item.name!r} (stored as {item.dtype})",
-                hint=f"the merged values overflow {item.dtype}; choose another dtype, or pass "
-                "--allow-nonfinite to write it anyway" if overflow else
-                "check the recipe's parameters (e.g. weights summing to ~0 with normalize)",
-            )
+            # finite in float32, not in the output dtype: an overflow
+            raise _output_error(plan.method.name, item, overflow=bool(torch.isfinite(exact).all()))
         out[s:e] = blk.cpu()
     return out.view(item.shape), notes
 
 
-def _run_prepass(plan: Plan, reader: _Reader, block: int) -> dict[str, Any]:
+def _merge_native(plan: Plan, reader: _Reader, merger: TensorMerger, inp: _Inputs, ranges: list[tuple[int, int]],
+                  out: torch.Tensor) -> None:
+    """The passes of one tensor through the native kernels: raw blocks in, rounded output blocks out."""
+    for p in range(merger.passes):
+        for s, e in ranges:
+            reader.checked(merger.observe_native(p, s, *reader.raw_blocks(inp, s, e)), inp, s, e)
+        merger.end_pass(p)
+    direct = out.dtype in native.DT_CODES
+    flags = native.new_flags()
+    for s, e in ranges:
+        target = out[s:e] if direct else torch.empty(e - s, dtype=COMPUTE_DTYPE)
+        reader.checked(merger.emit_native(s, *reader.raw_blocks(inp, s, e), target, flags), inp, s, e)
+        if not direct:
+            out[s:e] = target.to(out.dtype)
+            if not reader.allow_nonfinite and not bool(torch.isfinite(out[s:e]).all()):
+                raise _output_error(plan.method.name, inp.item, overflow=bool(torch.isfinite(target).all()))
+        elif flags[1] and not reader.allow_nonfinite:
+            raise _output_error(plan.method.name, inp.item, overflow=flags[0] == 0)
+
+
+def _run_prepass(plan: Plan, reader: _Reader, block: int, workers: int) -> dict[str, Any]:
+    """A method's whole-model statistics passes (e.g. TIES's global trim threshold), items in parallel."""
     make = plan.method.prepass
     items = [i for i in plan.items if i.copy_from is None]
     prepass = make(items[0].params) if make is not None and items else None  # global params: one value
     if prepass is None:
         return {}
-    for p in range(prepass.passes):
-        for item in items:
-            inp = reader.load(item)
-            for s, e in block_ranges(inp.numel, item.shape, block, False):
+
+    def observe(p: int, item: WorkItem) -> None:
+        inp = reader.load(item)
+        for s, e in block_ranges(inp.numel, item.shape, block, False):
+            if reader.native:
+                raw = reader.raw_blocks(inp, s, e)
+                reader.checked(prepass.observe_native(p, item.name, s, *raw, item.model_params), inp, s, e)
+            else:
                 prepass.observe(p, item.name, s, *reader.blocks(inp, s, e, p == 0), item.model_params)
-        prepass.end_pass(p)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moerge-prepass") as pool:
+        for p in range(prepass.passes):
+            for fut in [pool.submit(observe, p, item) for item in items]:
+                fut.result()
+            prepass.end_pass(p)
     return prepass.result()
 
 
@@ -216,10 +272,10 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
     items = plan.items
     costs = [_item_cost(plan, i, block) for i in items]
     budget = memory_budget or max(max(costs, default=0), 512 << 20)
-    t0 = time.perf_counter()
-    extra = _run_prepass(plan, reader, block)
-    stats.prepass_seconds = time.perf_counter() - t0
     n_workers = workers or (1 if dev.type == "cuda" else 2)
+    t0 = time.perf_counter()
+    extra = _run_prepass(plan, reader, block, n_workers)
+    stats.prepass_seconds = time.perf_counter() - t0
 
     out_q: queue.Queue[Any] = queue.Queue(maxsize=2)
     write_error: list[BaseException] = []

@@ -141,12 +141,20 @@ class MergeMethod:
         return self.fn(tuple(shape), **kwargs)
 
     def __call__(self, base: Any, models: list[Any], model_params: list[dict[str, Any]],
-                 params: dict[str, Any], *, block: int | None = None, **extra: Any) -> Any:
-        """Merge whole in-memory tensors (float32); for tests and small merges."""
+                 params: dict[str, Any], *, block: int | None = None, native: bool = False,
+                 out_dtype: Any = None, **extra: Any) -> Any:
+        """Merge whole in-memory tensors; for tests and small merges.
+
+        By default through the torch path in float32; ``native`` uses the fused
+        kernels where the method has them (inputs bfloat16/float32, result in
+        ``out_dtype``, default the inputs' dtype).
+        """
+        from moerge import native as kernels
         from moerge.methods.blocks import BLOCK, run_whole
 
         merger = self.build(tuple(models[0].shape), model_params, params, **extra)
-        return run_whole(merger, base, list(models), block or BLOCK)
+        use_native = native and kernels.available() and merger.native_ok()
+        return run_whole(merger, base, list(models), block or BLOCK, native=use_native, out_dtype=out_dtype)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

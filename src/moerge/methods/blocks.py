@@ -12,6 +12,7 @@ this), so the executor is free to pick blocks that fit in cache.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 
 import torch
@@ -35,6 +36,21 @@ class TensorMerger(ABC):
     def emit(self, start: int, base: torch.Tensor | None, models: list[torch.Tensor]) -> torch.Tensor:
         """The merged values of one block."""
 
+    # The native protocol (optional): the same passes over *raw* blocks (stored dtype, CPU), run by the
+    # fused kernels of moerge.native, which also round into the output block. Both return the number
+    # of non-finite input values they saw.
+    def native_ok(self) -> bool:
+        """Whether :meth:`observe_native` and :meth:`emit_native` are implemented for this tensor."""
+        return False
+
+    def observe_native(self, p: int, start: int, base: torch.Tensor | None, models: list[torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def emit_native(self, start: int, base: torch.Tensor | None, models: list[torch.Tensor], out: torch.Tensor,
+                    flags: object) -> int:
+        """Merge one raw block into ``out`` (bfloat16/float32); ``flags`` counts non-finite results."""
+        raise NotImplementedError
+
 
 def block_ranges(numel: int, shape: tuple[int, ...], block: int, row_aligned: bool) -> list[tuple[int, int]]:
     """[start, stop) ranges covering ``numel`` elements; whole rows when ``row_aligned``."""
@@ -47,19 +63,39 @@ def block_ranges(numel: int, shape: tuple[int, ...], block: int, row_aligned: bo
 
 
 def run_whole(merger: TensorMerger, base: torch.Tensor | None, models: list[torch.Tensor],
-              block: int = BLOCK) -> torch.Tensor:
-    """Run a merger over whole in-memory tensors (used by tests and small merges)."""
+              block: int = BLOCK, native: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run a merger over whole in-memory tensors (used by tests and small merges).
+
+    ``native`` runs the native protocol on the tensors as they are (bfloat16 or
+    float32) into ``out_dtype`` (default: the models' dtype); otherwise blocks
+    go through the torch path as float32.
+    """
     shape = tuple(models[0].shape)
     flat_b = base.reshape(-1) if base is not None else None
     flat_m = [m.reshape(-1) for m in models]
     ranges = block_ranges(flat_m[0].numel(), shape, block, merger.row_aligned)
+
+    def blk(s: int, e: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        return (flat_b[s:e] if flat_b is not None else None), [m[s:e] for m in flat_m]
+
     for p in range(merger.passes):
         for s, e in ranges:
-            merger.observe(p, s, flat_b[s:e] if flat_b is not None else None, [m[s:e] for m in flat_m])
+            if native:
+                merger.observe_native(p, s, *blk(s, e))
+            else:
+                merger.observe(p, s, *blk(s, e))
         merger.end_pass(p)
+    if native:
+        from moerge.native import new_flags
+
+        out = torch.empty(flat_m[0].numel(), dtype=out_dtype or flat_m[0].dtype)
+        flags = new_flags()
+        for s, e in ranges:
+            merger.emit_native(s, *blk(s, e), out[s:e], flags)
+        return out.view(shape)
     out = torch.empty_like(flat_m[0])
     for s, e in ranges:
-        out[s:e] = merger.emit(s, flat_b[s:e] if flat_b is not None else None, [m[s:e] for m in flat_m])
+        out[s:e] = merger.emit(s, *blk(s, e))
     return out.view(shape)
 
 
@@ -70,7 +106,7 @@ class RankSelect:
     pass 0 histograms the high 16 bits; pass 1 the low 16 bits inside the bins
     that hold the wanted ranks. Afterwards, for each wanted rank r (0-based, in
     ascending order) we know its value, how many elements are smaller, and how
-    many are equal.
+    many are equal. Blocks may be observed from several threads at once.
     """
 
     passes = 2
@@ -80,22 +116,41 @@ class RankSelect:
         self.hist_hi = torch.zeros(1 << 15, dtype=torch.int64)
         self.bins: list[int] = []
         self.below_bin: list[int] = []
-        self.hist_lo: list[torch.Tensor] = []
+        self.hist_lo = torch.zeros(0, 1 << 16, dtype=torch.int64)
         self.value: list[float] = []
         self.less: list[int] = []
         self.equal: list[int] = []
+        self._lock = threading.Lock()
+
+    def _add(self, p: int, hist: torch.Tensor) -> None:
+        with self._lock:
+            (self.hist_hi if p == 0 else self.hist_lo).add_(hist)
 
     def observe(self, p: int, values: torch.Tensor) -> None:
         bits = values.reshape(-1).view(torch.int32)
         hi = bits >> 16
         if p == 0:
             # |x| has a clear sign bit, so the high half-word is in [0, 2^15)
-            self.hist_hi += torch.bincount(hi, minlength=1 << 15).cpu()
+            self._add(0, torch.bincount(hi, minlength=1 << 15).cpu())
             return
-        for b, hist in zip(self.bins, self.hist_lo):
-            sel = bits[hi == b] & 0xFFFF
-            if sel.numel():
-                hist += torch.bincount(sel, minlength=1 << 16).cpu()
+        if self.bins:
+            self._add(1, torch.stack([torch.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16).cpu()
+                                      for b in self.bins]))
+
+    def observe_native(self, p: int, base: torch.Tensor | None, model: torch.Tensor) -> int:
+        """:meth:`observe` of |model − base| for raw blocks, by the native kernels; returns #non-finite inputs."""
+        from moerge import native
+
+        if p == 0:
+            hist = torch.zeros(1 << 15, dtype=torch.int64)
+            nf = native.hist_hi(base, model, hist)
+        else:
+            if not self.bins:
+                return 0
+            hist = torch.zeros(len(self.bins), 1 << 16, dtype=torch.int64)
+            nf = native.hist_lo(base, model, self.bins, hist)
+        self._add(p, hist)
+        return nf
 
     def end_pass(self, p: int) -> None:  # noqa: B027 - optional hook
         if p == 0:
@@ -104,7 +159,7 @@ class RankSelect:
                 b = int(torch.searchsorted(cum, r, right=True))
                 self.bins.append(b)
                 self.below_bin.append(int(cum[b - 1]) if b > 0 else 0)
-                self.hist_lo.append(torch.zeros(1 << 16, dtype=torch.int64))
+            self.hist_lo = torch.zeros(len(self.bins), 1 << 16, dtype=torch.int64)
             return
         for r, b, below, hist in zip(self.ranks, self.bins, self.below_bin, self.hist_lo):
             cum = torch.cumsum(hist, 0)
@@ -128,8 +183,11 @@ class RankWindowMask:
 
     def __init__(self, n: int, lo: int, hi: int) -> None:
         self.n, self.lo, self.hi = n, lo, hi
+        self.empty = hi <= lo  # nothing kept
         wanted = []
-        if lo > 0:
+        if self.empty:
+            pass
+        elif lo > 0:
             wanted.append(lo)  # rank of the first kept element
         if hi < n:
             wanted.append(hi - 1)  # rank of the last kept element
@@ -153,6 +211,8 @@ class RankWindowMask:
 
     def mask(self, values: torch.Tensor) -> torch.Tensor | None:
         """Keep-mask of the next block (blocks must come in order)."""
+        if self.empty:
+            return torch.zeros_like(values, dtype=torch.bool)
         if self.select is None:
             return None
         keep: torch.Tensor | None = None

@@ -8,11 +8,15 @@ Everything happens block by block, so memory holds one block per model.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
+from moerge import native
 from moerge.methods.blocks import RankSelect, RankWindowMask, TensorMerger
 from moerge.methods.sparsify import bernoulli_keep_range, tensor_seed
 
+TVModel = native.TVModel
 SIGN_ELECTION = ("unweighted", "weighted")
 CONSENSUS = ("sum", "count")
 DIVISOR = ("count", "weight_sum")
@@ -36,6 +40,14 @@ class Sparsifier:
     def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    # native protocol: statistics of raw blocks, and the kernel's description of the mask
+    def observe_native(self, p: int, start: int, base: torch.Tensor, model: torch.Tensor) -> int:
+        return 0
+
+    def native_spec(self, spec: TVModel) -> None:
+        spec.mask = native.MASK_NONE
+        spec.scale = self.scale
+
 
 class RankWindowSparsifier(Sparsifier):
     """Keep the entries whose magnitude rank lies in [lo, hi) (exact count; ties by position)."""
@@ -55,6 +67,21 @@ class RankWindowSparsifier(Sparsifier):
 
     def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
         return self.window.mask(delta.abs())
+
+    def observe_native(self, p: int, start: int, base: torch.Tensor, model: torch.Tensor) -> int:
+        sel = self.window.select
+        return sel.observe_native(p, base, model) if sel is not None else 0
+
+    def native_spec(self, spec: TVModel) -> None:
+        w = self.window
+        spec.mask = native.MASK_DROP_ALL if w.empty else native.MASK_NONE if w.select is None else native.MASK_WINDOW
+        spec.scale = self.scale
+        k = 0
+        if w.select is not None and w.lo > 0:
+            spec.has_lo, spec.lo, spec.cut_lo = 1, w.select.value[0], w.lo - w.select.less[0]
+            k = 1
+        if w.select is not None and w.hi < w.n:
+            spec.has_hi, spec.hi, spec.cut_hi = 1, w.select.value[k], w.hi - w.select.less[k]
 
 
 class ThresholdSparsifier(Sparsifier):
@@ -80,6 +107,12 @@ class ThresholdSparsifier(Sparsifier):
 
     def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
         return delta.abs() >= self.threshold
+
+    def observe_native(self, p: int, start: int, base: torch.Tensor, model: torch.Tensor) -> int:
+        return self.select.observe_native(p, base, model) if self.select is not None else 0
+
+    def native_spec(self, spec: TVModel) -> None:
+        spec.mask, spec.lo, spec.scale = native.MASK_THRESHOLD, float(self.threshold), self.scale
 
 
 class DropSparsifier(Sparsifier):
@@ -108,6 +141,16 @@ class DropSparsifier(Sparsifier):
 
     def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
         return self._keep(start, delta)
+
+    def observe_native(self, p: int, start: int, base: torch.Tensor, model: torch.Tensor) -> int:
+        before, after, nf = native.dare_l1(base, model, start, self.seed, self.density)
+        self.before += before
+        self.after += after
+        return nf
+
+    def native_spec(self, spec: TVModel) -> None:
+        spec.mask, spec.seed, spec.t24 = native.MASK_BERNOULLI, self.seed, native.t24(self.density)
+        spec.scale = self.scale
 
 
 def drop_sparsifiers(n: int, density: list[float], seed: int, rescale: bool, rescale_norm: str) -> list[Sparsifier]:
@@ -142,6 +185,7 @@ class TaskVectorMerger(TensorMerger):
         self.passes = self.sparse_passes + (1 if self.needs_majority else 0)
         self.tie = 1.0
         self.sign_count = 0.0
+        self._spec: ctypes.Array[TVModel] | None = None  # native: per-model masks, window counters
 
     # statistics ----------------------------------------------------------------------------
     def observe(self, p: int, start: int, base, models) -> None:  # noqa: ANN001
@@ -165,6 +209,7 @@ class TaskVectorMerger(TensorMerger):
         if p == self.passes - 1 or p == self.sparse_passes - 1:
             for sp in self.sparsifiers:
                 sp.restart()
+            self._spec = None
 
     # output ----------------------------------------------------------------------------------
     def _task_vectors(self, start: int, base, models) -> list[torch.Tensor]:  # noqa: ANN001
@@ -218,3 +263,41 @@ class TaskVectorMerger(TensorMerger):
             den[den == 0] = 1.0
             num.div_(den)
         return base + self.lam * num
+
+    # native protocol ---------------------------------------------------------------------------
+    def native_ok(self) -> bool:
+        return True
+
+    def _native_spec(self) -> ctypes.Array[TVModel]:
+        if self._spec is None:
+            spec = (TVModel * len(self.sparsifiers))()
+            for i, (sp, m) in enumerate(zip(self.sparsifiers, spec)):
+                sp.native_spec(m)
+                m.weight = self.weight[i]
+                m.vote_weight = self.weight[i] if self.sign_election == "weighted" else 1.0
+                m.sign = self._contribution_sign(i)
+                m.div_weight = self.weight[i] if self.divisor == "weight_sum" else 1.0
+            self._spec = spec
+        return self._spec
+
+    def _native_combine(self, base, models, start: int, out, flags) -> tuple[int, float]:  # noqa: ANN001
+        if self.consensus is None:
+            total = sum(self.weight)
+            divide = (total if abs(total) >= 1e-8 else 1.0) if self.normalize else 1.0
+            combine = native.COMBINE_SUM
+        else:
+            divide = 1.0
+            combine = native.COMBINE_CONSENSUS_SUM if self.consensus == "sum" else native.COMBINE_CONSENSUS_COUNT
+        return native.tv_emit(base, models, self._native_spec(), start, combine=combine, lam=self.lam,
+                              divide=divide, normalize=self.normalize, tie=self.tie, out=out, flags=flags)
+
+    def observe_native(self, p: int, start: int, base, models) -> int:  # noqa: ANN001
+        if p < self.sparse_passes:
+            return sum(sp.observe_native(p, start, base, m)
+                       for sp, m in zip(self.sparsifiers, models) if p < sp.passes)
+        nf, signs = self._native_combine(base, models, start, None, native.new_flags())  # majority pass
+        self.sign_count += signs
+        return nf
+
+    def emit_native(self, start: int, base, models, out, flags) -> int:  # noqa: ANN001
+        return self._native_combine(base, models, start, out, flags)[0]

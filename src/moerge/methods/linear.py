@@ -22,6 +22,14 @@ class LinearMerger(TensorMerger):
             out.add_(m, alpha=w)
         return out.div_(self.divide) if self.divide != 1.0 else out
 
+    def native_ok(self) -> bool:
+        return True
+
+    def emit_native(self, start, base, models, out, flags) -> int:  # noqa: ANN001
+        from moerge import native
+
+        return native.linear_emit(models, self.weight, self.divide, out, flags)
+
 
 @register(
     "linear",

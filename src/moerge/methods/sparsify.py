@@ -7,7 +7,7 @@ import math
 
 import torch
 
-RNG_BLOCK = 1 << 20  # elements per independently seeded random block
+M32 = 0xFFFFFFFF
 
 
 def tensor_seed(*parts: object) -> int:
@@ -16,25 +16,34 @@ def tensor_seed(*parts: object) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x·c) mod 2³² for x in [0, 2³²) held in int64, without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The lowbias32 integer hash (C. Wellons), on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
 def bernoulli_keep_range(start: int, stop: int, density: float, seed: int,
                          device: torch.device | str = "cpu") -> torch.Tensor:
     """Elements [start, stop) of a keep-mask with P(keep) = density, reproducible from ``seed``.
 
-    The random stream is cut into fixed blocks of :data:`RNG_BLOCK` elements,
-    each drawn from its own generator seeded by (seed, block index), so any
-    range of the mask is the same whether the tensor is processed whole, in
-    blocks of any size, or in any order.
+    Counter-based: element i is kept iff the top 24 bits of
+    h(i) = mix(mix(i_lo ^ s_lo) ^ s_hi ^ i_hi) are below ⌈density·2²⁴⌉, where
+    mix is the lowbias32 hash and s the 64-bit seed. Any range of the mask is the
+    same whether the tensor is processed whole, in blocks of any size, in any
+    order, on any device, or by the native kernel (``moerge.native``).
     """
-    out = torch.empty(stop - start, dtype=torch.bool)
-    gen = torch.Generator(device="cpu")
-    first, last = start // RNG_BLOCK, (stop - 1) // RNG_BLOCK if stop > start else start // RNG_BLOCK - 1
-    for b in range(first, last + 1):
-        b0 = b * RNG_BLOCK
-        lo, hi = max(start, b0), min(stop, b0 + RNG_BLOCK)
-        gen.manual_seed(tensor_seed(seed, b))
-        u = torch.rand(hi - b0, generator=gen)[lo - b0:]
-        out[lo - start:hi - start] = u < density
-    return out.to(device)
+    idx = torch.arange(start, stop, dtype=torch.int64, device=device)
+    h = _mix32((idx & M32) ^ (seed & M32))
+    h = _mix32(h ^ ((seed >> 32) & M32) ^ (idx >> 32))
+    return (h >> 8) < min(1 << 24, math.ceil(density * (1 << 24)))
 
 
 def bernoulli_keep(shape: torch.Size | tuple[int, ...], density: float, seed: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
@@ -58,18 +59,29 @@ class GlobalTrimThreshold:
         self.select: list[RankSelect | None] = []
         self.density: list[float] = []
         self.total = 0
+        self._lock = threading.Lock()
+
+    def _start(self, p: int, base: torch.Tensor, model_params: list[dict[str, Any]]) -> None:
+        with self._lock:  # blocks may come from several threads
+            if not self.density:
+                # one density per model across all tensors is checked by the planner
+                self.density = [float(mp["density"]) for mp in model_params]
+                self.select = [RankSelect([]) if d < 1.0 else None for d in self.density]
+            if p == 0:
+                self.total += base.numel()
 
     def observe(self, p: int, name: str, start: int, base: torch.Tensor, models: list[torch.Tensor],
                 model_params: list[dict[str, Any]]) -> None:
-        if not self.density:
-            self.density = [float(mp["density"]) for mp in model_params]
-            self.select = [RankSelect([]) if d < 1.0 else None for d in self.density]
-        if p == 0:
-            self.total += base.numel()
-        # one density per model across all tensors is checked by the planner
+        self._start(p, base, model_params)
         for sel, m in zip(self.select, models):
             if sel is not None:
                 sel.observe(p, (m - base).abs_())
+
+    def observe_native(self, p: int, name: str, start: int, base: torch.Tensor, models: list[torch.Tensor],
+                       model_params: list[dict[str, Any]]) -> int:
+        """:meth:`observe` for raw blocks (native kernels); returns #non-finite inputs."""
+        self._start(p, base, model_params)
+        return sum(sel.observe_native(p, base, m) for sel, m in zip(self.select, models) if sel is not None)
 
     def end_pass(self, p: int) -> None:
         for sel, d in zip(self.select, self.density):

@@ -1,0 +1,349 @@
+/* moerge native kernels: fused per-block loops for the task-vector merge family.
+ *
+ * Each kernel takes one block of each input in its stored dtype (bfloat16 or
+ * float32), works through it in cache-sized chunks (convert to float32,
+ * subtract the base, mask, combine, round to the output dtype), and touches each
+ * input byte once per pass. The arithmetic is float32, in the same order as the
+ * torch path of moerge/methods/consensus.py; floating-point contraction is off
+ * (-ffp-contract=off), so the result never depends on vectorisation, chunk or
+ * block size. Every kernel counts the non-finite input values it loaded; emit
+ * kernels also count non-finite results before and after rounding.
+ *
+ * Plain C, called through ctypes (which releases the GIL); the module init at
+ * the end only lets setuptools build this file as an extension and Python find it.
+ */
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+#define CH 2048 /* elements per chunk: (models + 3) x 8 KiB of float32 scratch */
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { MASK_NONE = 0, MASK_THRESHOLD = 1, MASK_WINDOW = 2, MASK_BERNOULLI = 3, MASK_DROP_ALL = 4 };
+enum { COMBINE_SUM = 0, COMBINE_CONSENSUS_SUM = 1, COMBINE_CONSENSUS_COUNT = 2 };
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* Load elements [off, off+len) of a block as float32; returns how many are NaN/Inf. */
+static int64_t load(float *restrict dst, const void *src, int dt, int64_t off, int64_t len) {
+    int64_t nf = 0;
+    if (dt == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t u = (uint32_t)s[j] << 16;
+            nf += (u & 0x7F800000u) == 0x7F800000u;
+            dst[j] = u2f(u);
+        }
+    } else {
+        const float *s = (const float *)src + off;
+        for (int64_t j = 0; j < len; j++) {
+            float f = s[j];
+            nf += (f2u(f) & 0x7F800000u) == 0x7F800000u;
+            dst[j] = f;
+        }
+    }
+    return nf;
+}
+
+/* Store float32 results rounded to the output dtype (bfloat16: round to nearest even, NaN -> 0x7FC0,
+ * as torch does). flags[0] += non-finite results before rounding, flags[1] += after. */
+static void store(void *dst, int dt, int64_t off, const float *restrict src, int64_t len, int64_t *flags) {
+    int64_t nf_exact = 0, nf_out = 0;
+    if (dt == DT_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t u = f2u(src[j]);
+            int is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+            uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            r = is_nan ? 0x7FC0u : r;
+            nf_exact += (u & 0x7F800000u) == 0x7F800000u;
+            nf_out += (r & 0x7F80u) == 0x7F80u;
+            d[j] = (uint16_t)r;
+        }
+    } else {
+        float *d = (float *)dst + off;
+        for (int64_t j = 0; j < len; j++) {
+            nf_exact += (f2u(src[j]) & 0x7F800000u) == 0x7F800000u;
+            d[j] = src[j];
+        }
+        nf_out = nf_exact;
+    }
+    flags[0] += nf_exact;
+    flags[1] += nf_out;
+}
+
+/* Counter-based random keep decisions (DARE): element i of a tensor is kept iff the top 24 bits
+ * of h(i) are below t24 = ceil(density * 2^24), where h is two rounds of the lowbias32 integer
+ * hash keyed by the 64-bit seed. Any range, in any order, on any device gives the same mask. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline int keep_bit(uint64_t idx, uint32_t s0, uint32_t s1, uint32_t t24) {
+    uint32_t h = mix32(mix32((uint32_t)idx ^ s0) ^ s1 ^ (uint32_t)(idx >> 32));
+    return (h >> 8) < t24;
+}
+
+MULTIVERSION EXPORT void mk_bernoulli(int64_t start, int64_t n, uint64_t seed, uint32_t t24, uint8_t *out) {
+    uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
+    for (int64_t j = 0; j < n; j++) out[j] = (uint8_t)keep_bit((uint64_t)(start + j), s0, s1, t24);
+}
+
+/* |model - base| as float32 bits, for a chunk. */
+static int64_t abs_delta_bits(uint32_t *restrict bits, float *restrict tmp, const void *base, int dtb,
+                              const void *model, int dtm, int64_t off, int64_t len) {
+    int64_t nf = load(tmp, model, dtm, off, len);
+    if (base != NULL) {
+        float b[CH];
+        nf += load(b, base, dtb, off, len);
+        for (int64_t j = 0; j < len; j++) tmp[j] -= b[j];
+    }
+    for (int64_t j = 0; j < len; j++) bits[j] = f2u(tmp[j]) & 0x7FFFFFFFu;
+    return nf;
+}
+
+/* Radix selection, pass 0: histogram of the high 15 bits of |model - base| (base may be NULL). */
+MULTIVERSION EXPORT int64_t mk_hist_hi(const void *base, int dtb, const void *model, int dtm, int64_t n,
+                                       int64_t *hist) {
+    uint32_t bits[CH];
+    float tmp[CH];
+    uint32_t *h = calloc(2 << 15, sizeof(uint32_t)); /* two interleaved counters break store chains */
+    int64_t nf = 0;
+    if (h == NULL) return -1;
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
+        int64_t j = 0;
+        for (; j + 1 < len; j += 2) {
+            h[bits[j] >> 16]++;
+            h[(1 << 15) + (bits[j + 1] >> 16)]++;
+        }
+        if (j < len) h[bits[j] >> 16]++;
+    }
+    for (int i = 0; i < 1 << 15; i++) hist[i] += (int64_t)h[i] + h[(1 << 15) + i];
+    free(h);
+    return nf;
+}
+
+/* Radix selection, pass 1: for each of nb high-bit bins, histogram of the low 16 bits of the
+ * elements in that bin (hists: nb x 65536). */
+MULTIVERSION EXPORT int64_t mk_hist_lo(const void *base, int dtb, const void *model, int dtm, int64_t n, int nb,
+                                       const int32_t *bins, int64_t *hists) {
+    uint32_t bits[CH];
+    float tmp[CH];
+    int64_t nf = 0;
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
+        for (int k = 0; k < nb; k++) {
+            uint32_t want = (uint32_t)bins[k];
+            int64_t *h = hists + (int64_t)k * 65536;
+            for (int64_t j = 0; j < len; j++)
+                if ((bits[j] >> 16) == want) h[bits[j] & 0xFFFFu]++;
+        }
+    }
+    return nf;
+}
+
+/* DARE's L1 rescale statistics: sums[0] += sum |d|, sums[1] += sum |d| over kept entries. */
+MULTIVERSION EXPORT int64_t mk_dare_l1(const void *base, int dtb, const void *model, int dtm, int64_t n,
+                                       int64_t start, uint64_t seed, uint32_t t24, double *sums) {
+    uint32_t bits[CH];
+    float tmp[CH];
+    uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
+    int64_t nf = 0;
+    double all = 0.0, kept = 0.0;
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
+        for (int64_t j = 0; j < len; j++) {
+            double a = (double)u2f(bits[j]);
+            all += a;
+            kept += keep_bit((uint64_t)(start + c + j), s0, s1, t24) ? a : 0.0;
+        }
+    }
+    sums[0] += all;
+    sums[1] += kept;
+    return nf;
+}
+
+/* Per-model description of a task vector's sparsifier and its part in the combination.
+ * Layout shared with moerge/native/__init__.py (TV_FIELDS). */
+typedef struct {
+    int64_t mask;       /* MASK_* */
+    int64_t has_lo, cut_lo, seen_lo; /* window: lower rank boundary (value lo), state in/out */
+    int64_t has_hi, cut_hi, seen_hi; /* window: upper rank boundary (value hi), state in/out */
+    int64_t seed;       /* bernoulli */
+    int64_t t24;        /* bernoulli */
+    double weight;      /* w_i */
+    double scale;       /* rescale of kept entries (DARE) */
+    double vote_weight; /* factor of d_i in the summed vote */
+    double sign;        /* factor of sign(d_i) in the counted vote and in the agreement test */
+    double div_weight;  /* what an agreeing model adds to the divisor */
+    double lo;          /* threshold (MASK_THRESHOLD) or lower boundary value (MASK_WINDOW) */
+    double hi;          /* upper boundary value (MASK_WINDOW) */
+} tv_model;
+
+/* Window mask on one chunk, in order: rank ties at a boundary value are broken by position
+ * (the first cut_lo elements equal to ``lo`` fall below the window, the first cut_hi equal to ``hi``
+ * are inside it, counting those of earlier chunks and blocks in seen_lo / seen_hi). */
+static void window_mask(float *restrict d, const float *restrict a, int64_t len, tv_model *m) {
+    float lo = (float)m->lo, hi = (float)m->hi;
+    int64_t eq = 0;
+    for (int64_t j = 0; j < len; j++) {
+        int at = (m->has_lo && a[j] == lo) || (m->has_hi && a[j] == hi);
+        int keep = (!m->has_lo || a[j] > lo) && (!m->has_hi || a[j] < hi);
+        eq += at;
+        d[j] = keep || at ? d[j] : 0.0f;
+    }
+    if (eq == 0) return;
+    for (int64_t j = 0; j < len; j++) { /* rare: elements equal to a boundary value */
+        int at_lo = m->has_lo && a[j] == lo, at_hi = m->has_hi && a[j] == hi;
+        if (!at_lo && !at_hi) continue;
+        int keep_lo = at_lo ? ++m->seen_lo > m->cut_lo : (!m->has_lo || a[j] > lo);
+        int keep_hi = at_hi ? ++m->seen_hi <= m->cut_hi : (!m->has_hi || a[j] < hi);
+        d[j] = keep_lo && keep_hi ? d[j] : 0.0f;
+    }
+}
+
+/* Sparsify one model's task vector d (= model - base) of a chunk in place: mask, then rescale.
+ * ``a`` is scratch for the magnitudes; ``off`` the chunk's first element index in the tensor. */
+static void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t len, tv_model *m) {
+    if (m->mask == MASK_THRESHOLD) {
+        float t = (float)m->lo;
+        for (int64_t j = 0; j < len; j++) d[j] = fabsf(d[j]) >= t ? d[j] : 0.0f;
+    } else if (m->mask == MASK_WINDOW) {
+        for (int64_t j = 0; j < len; j++) a[j] = fabsf(d[j]);
+        window_mask(d, a, len, m);
+    } else if (m->mask == MASK_DROP_ALL) {
+        for (int64_t j = 0; j < len; j++) d[j] = 0.0f;
+    } else if (m->mask == MASK_BERNOULLI) {
+        uint32_t s0 = (uint32_t)(uint64_t)m->seed, s1 = (uint32_t)((uint64_t)m->seed >> 32);
+        uint32_t t24 = (uint32_t)m->t24;
+        for (int64_t j = 0; j < len; j++)
+            d[j] = keep_bit((uint64_t)(off + j), s0, s1, t24) ? d[j] : 0.0f;
+    }
+    if (m->scale != 1.0) {
+        float s = (float)m->scale;
+        for (int64_t j = 0; j < len; j++) d[j] *= s;
+    }
+}
+
+static inline float signf(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+
+/* theta_0 + lam * combine(sparsified task vectors), for one block.
+ *   combine = COMBINE_SUM: sum_i w_i d_i, divided by ``divide``;
+ *   COMBINE_CONSENSUS_*: elect a sign per entry (summed vote_weight*d_i, or summed sign*sign(d_i)),
+ *   exact ties elect ``tie``; sum w_i d_i over agreeing models, divided (``normalize``) by the summed
+ *   div_weight of the agreeing models (0 counts as 1).
+ * With out == NULL, nothing is written and *sign_sum += sum of the elected signs before tie-breaking
+ * (the "majority" statistics pass). flags[0], flags[1]: non-finite results before/after rounding.
+ * Returns the number of non-finite inputs loaded. */
+MULTIVERSION EXPORT int64_t mk_tv_emit(const void *base, int dtb, const void *const *models, const int32_t *dtm,
+                                       int k, tv_model *mp, int64_t n, int64_t start, int combine, float lam,
+                                       float divide, int normalize, float tie, void *out, int dto,
+                                       int64_t *flags, double *sign_sum) {
+    float *buf = malloc(sizeof(float) * CH * (size_t)(k + 4));
+    if (buf == NULL) return -1;
+    float *b = buf, *acc = buf + CH, *den = buf + 2 * CH, *a = buf + 3 * CH, *d0 = buf + 4 * CH;
+    int64_t nf = 0, signs = 0;
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        nf += load(b, base, dtb, c, len);
+        for (int i = 0; i < k; i++) {
+            float *d = d0 + (int64_t)i * CH;
+            nf += load(d, models[i], dtm[i], c, len);
+            for (int64_t j = 0; j < len; j++) d[j] -= b[j];
+            sparsify(d, a, start + c, len, &mp[i]);
+        }
+        if (combine == COMBINE_SUM) {
+            for (int64_t j = 0; j < len; j++) acc[j] = 0.0f;
+            for (int i = 0; i < k; i++) {
+                const float *d = d0 + (int64_t)i * CH;
+                float w = (float)mp[i].weight;
+                for (int64_t j = 0; j < len; j++) acc[j] += w * d[j];
+            }
+            if (divide != 1.0f)
+                for (int64_t j = 0; j < len; j++) acc[j] /= divide;
+        } else {
+            /* the vote goes in acc, the elected sign in a */
+            for (int64_t j = 0; j < len; j++) acc[j] = 0.0f;
+            for (int i = 0; i < k; i++) {
+                const float *d = d0 + (int64_t)i * CH;
+                if (combine == COMBINE_CONSENSUS_SUM) {
+                    float vw = (float)mp[i].vote_weight;
+                    for (int64_t j = 0; j < len; j++) acc[j] += vw * d[j];
+                } else {
+                    float s = (float)mp[i].sign;
+                    for (int64_t j = 0; j < len; j++) acc[j] += s * signf(d[j]);
+                }
+            }
+            if (out == NULL) {
+                for (int64_t j = 0; j < len; j++) signs += (acc[j] > 0.0f) - (acc[j] < 0.0f);
+                continue;
+            }
+            for (int64_t j = 0; j < len; j++) {
+                float e = signf(acc[j]);
+                a[j] = e == 0.0f ? tie : e;
+                acc[j] = 0.0f;
+                den[j] = 0.0f;
+            }
+            for (int i = 0; i < k; i++) {
+                const float *d = d0 + (int64_t)i * CH;
+                float w = (float)mp[i].weight, s = (float)mp[i].sign, dw = (float)mp[i].div_weight;
+                for (int64_t j = 0; j < len; j++) {
+                    int agree = s * signf(d[j]) == a[j];
+                    acc[j] += w * (agree ? d[j] : 0.0f);
+                    den[j] += agree ? dw : 0.0f;
+                }
+            }
+            if (normalize)
+                for (int64_t j = 0; j < len; j++) acc[j] /= den[j] == 0.0f ? 1.0f : den[j];
+        }
+        for (int64_t j = 0; j < len; j++) acc[j] = b[j] + lam * acc[j];
+        store(out, dto, c, acc, len, flags);
+    }
+    if (sign_sum != NULL) *sign_sum += (double)signs;
+    free(buf);
+    return nf;
+}
+
+/* Weighted sum of the models, divided by ``divide`` (linear merge / model soup). */
+MULTIVERSION EXPORT int64_t mk_linear_emit(const void *const *models, const int32_t *dtm, int k,
+                                           const float *w, int64_t n, float divide, void *out, int dto,
+                                           int64_t *flags) {
+    float m[CH], acc[CH];
+    int64_t nf = 0;
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        for (int64_t j = 0; j < len; j++) acc[j] = 0.0f;
+        for (int i = 0; i < k; i++) {
+            nf += load(m, models[i], dtm[i], c, len);
+            for (int64_t j = 0; j < len; j++) acc[j] += w[i] * m[j];
+        }
+        if (divide != 1.0f)
+            for (int64_t j = 0; j < len; j++) acc[j] /= divide;
+        store(out, dto, c, acc, len, flags);
+    }
+    return nf;
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                    "moerge native kernels (loaded through ctypes)", -1, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,151 @@
+"""The native kernels against the torch code path: same masks, same values, same errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moerge
+from conftest import load_tensors, recipe
+from moerge import native
+from moerge.errors import NonFiniteError
+from moerge.methods.sparsify import bernoulli_keep_range
+from test_methods_values import run
+
+pytestmark = pytest.mark.skipif(not native.available() and os.environ.get("MOERGE_NATIVE") == "0",
+                                reason="native kernels disabled by MOERGE_NATIVE=0")
+NATIVE_METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                  "breadcrumbs_ties"]
+
+
+def test_kernels_are_built():
+    # setup.sh builds them; without a C compiler moerge still works (torch path), but this suite wants them
+    assert native.available()
+
+
+@settings(max_examples=40, deadline=None)
+@given(start=st.integers(0, 1 << 40), n=st.integers(0, 3000), seed=st.integers(0, (1 << 63) - 1),
+       density=st.floats(0.01, 1.0))
+def test_bernoulli_mask_is_the_same_in_c_and_torch(start, n, seed, density):
+    assert torch.equal(native.bernoulli(start, n, seed, density), bernoulli_keep_range(start, start + n, density, seed))
+
+
+def test_bernoulli_keep_rate_and_independence():
+    a = native.bernoulli(0, 1 << 20, 7, 0.3)
+    b = native.bernoulli(0, 1 << 20, 8, 0.3)
+    assert abs(a.float().mean().item() - 0.3) < 3e-3
+    # different seeds: independent masks (P(both) ≈ 0.09)
+    assert abs((a & b).float().mean().item() - 0.09) < 3e-3
+    # neighbouring elements are not correlated
+    assert abs((a[1:] & a[:-1]).float().mean().item() - 0.09) < 3e-3
+
+
+def _inputs(rows: int, cols: int, k: int, seed: int, quantize: bool, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=g).to(dtype)
+    models = []
+    for _ in range(k):
+        delta = torch.randn(rows, cols, generator=g)
+        if quantize:  # many exactly equal magnitudes and zeros: exercises rank ties and zero signs
+            delta = torch.round(delta * 2) / 4
+        models.append((base.float() + delta).to(dtype))
+    return base, models
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 50), k=st.integers(1, 4), seed=st.integers(0, 2**31 - 1),
+       method=st.sampled_from(NATIVE_METHODS), conventions=st.sampled_from(["paper", "mergekit"]),
+       quantize=st.booleans(), bf16=st.booleans(), block=st.integers(1, 80), density=st.floats(0.1, 1.0))
+def test_native_path_equals_torch_path(rows, cols, k, seed, method, conventions, quantize, bf16, block, density):
+    base, models = _inputs(rows, cols, k, seed, quantize, torch.bfloat16 if bf16 else torch.float32)
+    kw = {"density": [density] * k} if method not in ("linear", "task_arithmetic") else {}
+    if method != "linear":
+        kw["weight"] = [0.5 + i for i in range(k)]
+    b = None if method == "linear" else base
+    ref = run(method, None if b is None else b.float(), [m.float() for m in models], conventions=conventions,
+              seed=seed, native=False, **kw)
+    got = run(method, b, models, conventions=conventions, seed=seed, native=True, block=block,
+              extra=None, **kw) if not bf16 else None
+    if bf16:
+        got = get_native(method, b, models, conventions, seed, block, kw, torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+    if bf16:  # rounding into the output dtype is torch's round-to-nearest-even
+        as_bf16 = get_native(method, b, models, conventions, seed, block, kw, torch.bfloat16)
+        assert torch.equal(as_bf16, got.to(torch.bfloat16))
+
+
+def get_native(method, base, models, conventions, seed, block, kw, out_dtype):
+    from moerge.methods import get_method
+
+    m = get_method(method)
+    g, per = {}, [{} for _ in models]
+    for p in m.params:
+        if p.per_model:
+            vals = kw.get(p.name, p.default_for(conventions))
+            for i in range(len(models)):
+                per[i][p.name] = vals[i] if isinstance(vals, list) else vals
+        else:
+            g[p.name] = kw.get(p.name, p.default_for(conventions))
+    return m(base, list(models), per, g, seed=seed, block=block, native=True, out_dtype=out_dtype)
+
+
+def test_window_ties_broken_by_position_across_blocks():
+    # eight equal magnitudes, keep the top 3 by rank: the last three by position survive
+    base = torch.zeros(8)
+    model = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0])
+    for block in (1, 3, 8):
+        out = run("ties", base, [model], native=True, block=block, density=[3 / 8], trim_scope="tensor")
+        assert torch.equal(out, torch.tensor([0, 0, 0, 0, 0, 1.0, -1.0, 1.0]))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.5}),  # paper: whole-model trim, parallel native pre-pass
+    ("dare_ties", {"density": 0.6}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    ("linear", {}),
+])
+def test_merge_native_equals_torch_end_to_end(llama_bf16, tmp_path, method, params):
+    r = recipe(method, None if method == "linear" else llama_bf16["base"],
+               [llama_bf16["ft1"], llama_bf16["ft2"]], params=params, seed=5, dtype="float32")
+    moerge.merge(r, tmp_path / "native")
+    with native.disabled():
+        moerge.merge(r, tmp_path / "torch")
+    a, b = load_tensors(tmp_path / "native"), load_tensors(tmp_path / "torch")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-6, msg=name)
+
+
+def test_native_nonfinite_input_names_tensor_and_index(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in llama["ft1"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    t = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    t[name].view(-1)[123] = float("inf")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=r"up_proj.*flat index 123"):
+        moerge.merge(recipe("ties", llama["base"], [bad, llama["ft2"]], params={"density": 0.5}), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float16"])
+def test_native_output_overflow_is_reported(tmp_path, out_dtype):
+    from safetensors.torch import save_file
+
+    # finite in float32, beyond the largest bfloat16 (3.3895e38) and float16 (65504)
+    for name, value in (("base", 0.0), ("ft", 3.4e38)):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.full((4, 4), value)}, tmp_path / name / "model.safetensors")
+    r = recipe("task_arithmetic", tmp_path / "base", [tmp_path / "ft"], dtype=out_dtype)
+    with pytest.raises(NonFiniteError, match=f"overflow {out_dtype}"):
+        moerge.merge(r, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
