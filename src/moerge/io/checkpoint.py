@@ -222,12 +222,14 @@ class Checkpoint:
                     raise CheckpointError(f"{p}: invalid JSON ({e})") from e
         return self._config
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Read one tensor (or a flat element range of it) into memory in its stored dtype."""
+    def read(self, name: str, start: int = 0, count: int | None = None,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (or a flat element range of it) into memory in its stored dtype
+        (into ``buffer``, a large enough uint8 tensor, when given and the file is safetensors)."""
         info = self.info(name)
         reader = self._readers[info.file]
         if isinstance(reader, SafetensorsReader):
-            return reader.read(name, start, count)
+            return reader.read(name, start, count, buffer)
         t = reader[name]
         if start or count is not None:
             t = t.reshape(-1)[start : None if count is None else start + count]

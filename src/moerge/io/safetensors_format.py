@@ -169,8 +169,13 @@ class SafetensorsReader:
         except Exception:
             pass
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Read tensor ``name`` (or elements ``[start, start+count)`` of it, flattened)."""
+    def read(self, name: str, start: int = 0, count: int | None = None,
+             buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``name`` (or elements ``[start, start+count)`` of it, flattened).
+
+        ``buffer`` (uint8, large enough) is reused instead of a new allocation:
+        the result is then a view of it.
+        """
         import torch
 
         entry = self.entries[name]
@@ -178,7 +183,7 @@ class SafetensorsReader:
         if count is None:
             count = entry.numel - start
         nbytes = count * itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
         if nbytes:
             view = memoryview(buf.numpy())
             offset = entry.begin + start * itemsize

@@ -12,11 +12,13 @@ order, so the writer holds no tensor longer than one ``write`` call.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -110,6 +112,30 @@ def _exchange(a: Path, b: Path) -> bool:
     return res == 0
 
 
+WRITEBACK_EVERY = 64 << 20  # bytes written between asynchronous writeback requests
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing back a file's dirty pages without waiting (sync_file_range)."""
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE over the whole file
+
+
+@functools.lru_cache(maxsize=1)
+def _sync_file_range():  # noqa: ANN202
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
 class ModelWriter:
     """Streams planned tensors into shards inside a temporary directory, then publishes it.
 
@@ -145,6 +171,7 @@ class ModelWriter:
         self._file_shard = -1
         self._closed = False
         self.bytes_written = 0
+        self._unflushed = 0
 
     @staticmethod
     def _layout(tensors: list[tuple[str, str, tuple[int, ...]]], shard_size: int) -> list[_Shard]:
@@ -186,6 +213,12 @@ class ModelWriter:
         while view:
             n = self._file.write(view)  # type: ignore[union-attr]
             view = view[n:]
+            self._unflushed += n
+        if self._unflushed >= WRITEBACK_EVERY:
+            # start writing the dirty pages to disk now, in the background, so the fsync at the end
+            # waits for the last part only (Linux; elsewhere the fsync does it all)
+            _start_writeback(self._file.fileno())  # type: ignore[union-attr]
+            self._unflushed = 0
 
     def _close_file(self) -> None:
         if self._file is not None:

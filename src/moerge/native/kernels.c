@@ -25,18 +25,19 @@
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
-#define CH 2048 /* elements per chunk: (models + 3) x 8 KiB of float32 scratch */
+#define INLINE static inline __attribute__((always_inline)) /* inlined into each target clone */
+#define CH 2048 /* elements per chunk: (models + 4) x 8 KiB of float32 scratch */
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
 enum { MASK_NONE = 0, MASK_THRESHOLD = 1, MASK_WINDOW = 2, MASK_BERNOULLI = 3, MASK_DROP_ALL = 4 };
 enum { COMBINE_SUM = 0, COMBINE_CONSENSUS_SUM = 1, COMBINE_CONSENSUS_COUNT = 2 };
 
-static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
 /* Load elements [off, off+len) of a block as float32; returns how many are NaN/Inf. */
-static int64_t load(float *restrict dst, const void *src, int dt, int64_t off, int64_t len) {
-    int64_t nf = 0;
+INLINE int64_t load(float *restrict dst, const void *src, int dt, int64_t off, int64_t len) {
+    int32_t nf = 0; /* chunk-local counters are 32-bit: they vectorise without widening */
     if (dt == DT_BF16) {
         const uint16_t *s = (const uint16_t *)src + off;
         for (int64_t j = 0; j < len; j++) {
@@ -57,8 +58,8 @@ static int64_t load(float *restrict dst, const void *src, int dt, int64_t off, i
 
 /* Store float32 results rounded to the output dtype (bfloat16: round to nearest even, NaN -> 0x7FC0,
  * as torch does). flags[0] += non-finite results before rounding, flags[1] += after. */
-static void store(void *dst, int dt, int64_t off, const float *restrict src, int64_t len, int64_t *flags) {
-    int64_t nf_exact = 0, nf_out = 0;
+INLINE void store(void *dst, int dt, int64_t off, const float *restrict src, int64_t len, int64_t *flags) {
+    int32_t nf_exact = 0, nf_out = 0;
     if (dt == DT_BF16) {
         uint16_t *d = (uint16_t *)dst + off;
         for (int64_t j = 0; j < len; j++) {
@@ -85,7 +86,7 @@ static void store(void *dst, int dt, int64_t off, const float *restrict src, int
 /* Counter-based random keep decisions (DARE): element i of a tensor is kept iff the top 24 bits
  * of h(i) are below t24 = ceil(density * 2^24), where h is two rounds of the lowbias32 integer
  * hash keyed by the 64-bit seed. Any range, in any order, on any device gives the same mask. */
-static inline uint32_t mix32(uint32_t x) {
+INLINE uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352du;
     x ^= x >> 15;
@@ -94,7 +95,7 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-static inline int keep_bit(uint64_t idx, uint32_t s0, uint32_t s1, uint32_t t24) {
+INLINE int keep_bit(uint64_t idx, uint32_t s0, uint32_t s1, uint32_t t24) {
     uint32_t h = mix32(mix32((uint32_t)idx ^ s0) ^ s1 ^ (uint32_t)(idx >> 32));
     return (h >> 8) < t24;
 }
@@ -105,7 +106,7 @@ MULTIVERSION EXPORT void mk_bernoulli(int64_t start, int64_t n, uint64_t seed, u
 }
 
 /* |model - base| as float32 bits, for a chunk. */
-static int64_t abs_delta_bits(uint32_t *restrict bits, float *restrict tmp, const void *base, int dtb,
+INLINE int64_t abs_delta_bits(uint32_t *restrict bits, float *restrict tmp, const void *base, int dtb,
                               const void *model, int dtm, int64_t off, int64_t len) {
     int64_t nf = load(tmp, model, dtm, off, len);
     if (base != NULL) {
@@ -117,34 +118,41 @@ static int64_t abs_delta_bits(uint32_t *restrict bits, float *restrict tmp, cons
     return nf;
 }
 
-/* Radix selection, pass 0: histogram of the high 15 bits of |model - base| (base may be NULL). */
+/* Radix selection, pass 0: histogram of the high 15 bits of |model - base| (base may be NULL).
+ * Branch-free; four interleaved counter sets so that runs of equal values (sparse task vectors are
+ * mostly exact zeros) do not serialise on one counter. */
 MULTIVERSION EXPORT int64_t mk_hist_hi(const void *base, int dtb, const void *model, int dtm, int64_t n,
                                        int64_t *hist) {
     uint32_t bits[CH];
     float tmp[CH];
-    uint32_t *h = calloc(2 << 15, sizeof(uint32_t)); /* two interleaved counters break store chains */
+    uint32_t *h = calloc(4 << 15, sizeof(uint32_t));
     int64_t nf = 0;
     if (h == NULL) return -1;
     for (int64_t c = 0; c < n; c += CH) {
         int64_t len = n - c < CH ? n - c : CH;
         nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
         int64_t j = 0;
-        for (; j + 1 < len; j += 2) {
+        for (; j + 3 < len; j += 4) {
             h[bits[j] >> 16]++;
             h[(1 << 15) + (bits[j + 1] >> 16)]++;
+            h[(2 << 15) + (bits[j + 2] >> 16)]++;
+            h[(3 << 15) + (bits[j + 3] >> 16)]++;
         }
-        if (j < len) h[bits[j] >> 16]++;
+        for (; j < len; j++) h[bits[j] >> 16]++;
     }
-    for (int i = 0; i < 1 << 15; i++) hist[i] += (int64_t)h[i] + h[(1 << 15) + i];
+    for (int i = 0; i < 1 << 15; i++)
+        hist[i] += (int64_t)h[i] + h[(1 << 15) + i] + h[(2 << 15) + i] + h[(3 << 15) + i];
     free(h);
     return nf;
 }
 
 /* Radix selection, pass 1: for each of nb high-bit bins, histogram of the low 16 bits of the
- * elements in that bin (hists: nb x 65536). */
+ * elements in that bin (hists: nb x 65536). The members of a bin are first gathered without
+ * branches, then counted; exact zeros are counted apart. */
 MULTIVERSION EXPORT int64_t mk_hist_lo(const void *base, int dtb, const void *model, int dtm, int64_t n, int nb,
                                        const int32_t *bins, int64_t *hists) {
     uint32_t bits[CH];
+    uint16_t low[CH];
     float tmp[CH];
     int64_t nf = 0;
     for (int64_t c = 0; c < n; c += CH) {
@@ -153,8 +161,19 @@ MULTIVERSION EXPORT int64_t mk_hist_lo(const void *base, int dtb, const void *mo
         for (int k = 0; k < nb; k++) {
             uint32_t want = (uint32_t)bins[k];
             int64_t *h = hists + (int64_t)k * 65536;
-            for (int64_t j = 0; j < len; j++)
-                if ((bits[j] >> 16) == want) h[bits[j] & 0xFFFFu]++;
+            int32_t cnt = 0, zeros = 0;
+            if (want == 0) { /* exact zeros (sparse task vectors) are counted apart */
+                for (int64_t j = 0; j < len; j++) zeros += bits[j] == 0;
+                h[0] += zeros;
+            }
+            int32_t members = 0;
+            for (int64_t j = 0; j < len; j++) members += ((bits[j] >> 16) == want) & (bits[j] != 0);
+            if (members == 0) continue;
+            for (int64_t j = 0; j < len; j++) {
+                low[cnt] = (uint16_t)bits[j];
+                cnt += ((bits[j] >> 16) == want) & (bits[j] != 0);
+            }
+            for (int32_t j = 0; j < cnt; j++) h[low[j]]++;
         }
     }
     return nf;
@@ -201,29 +220,42 @@ typedef struct {
 
 /* Window mask on one chunk, in order: rank ties at a boundary value are broken by position
  * (the first cut_lo elements equal to ``lo`` fall below the window, the first cut_hi equal to ``hi``
- * are inside it, counting those of earlier chunks and blocks in seen_lo / seen_hi). */
-static void window_mask(float *restrict d, const float *restrict a, int64_t len, tv_model *m) {
-    float lo = (float)m->lo, hi = (float)m->hi;
-    int64_t eq = 0;
+ * are inside it, counting those of earlier chunks and blocks in seen_lo / seen_hi). Only the chunk
+ * where a boundary's count crosses its cut needs an element-by-element loop. */
+INLINE void window_mask(float *restrict d, const float *restrict a, int64_t len, tv_model *m) {
+    float lo = m->has_lo ? (float)m->lo : -1.0f, hi = m->has_hi ? (float)m->hi : INFINITY;
+    int64_t cut_lo = m->has_lo ? m->cut_lo : 0, cut_hi = m->has_hi ? m->cut_hi : INT64_MAX / 4;
+    int32_t eq_lo = 0, eq_hi = 0;
     for (int64_t j = 0; j < len; j++) {
-        int at = (m->has_lo && a[j] == lo) || (m->has_hi && a[j] == hi);
-        int keep = (!m->has_lo || a[j] > lo) && (!m->has_hi || a[j] < hi);
-        eq += at;
-        d[j] = keep || at ? d[j] : 0.0f;
+        eq_lo += a[j] == lo;
+        eq_hi += a[j] == hi;
     }
-    if (eq == 0) return;
-    for (int64_t j = 0; j < len; j++) { /* rare: elements equal to a boundary value */
-        int at_lo = m->has_lo && a[j] == lo, at_hi = m->has_hi && a[j] == hi;
-        if (!at_lo && !at_hi) continue;
-        int keep_lo = at_lo ? ++m->seen_lo > m->cut_lo : (!m->has_lo || a[j] > lo);
-        int keep_hi = at_hi ? ++m->seen_hi <= m->cut_hi : (!m->has_hi || a[j] < hi);
-        d[j] = keep_lo && keep_hi ? d[j] : 0.0f;
+    int64_t s_lo = m->seen_lo, s_hi = m->seen_hi;
+    int mixed_lo = eq_lo && s_lo < cut_lo && s_lo + eq_lo > cut_lo;
+    int mixed_hi = eq_hi && s_hi < cut_hi && s_hi + eq_hi > cut_hi;
+    if (!mixed_lo && !mixed_hi) {
+        int keep_lo = s_lo >= cut_lo;  /* ties at lo: all above the cut already, or all below */
+        int keep_hi = s_hi + eq_hi <= cut_hi;
+        for (int64_t j = 0; j < len; j++) {
+            int ok_lo = a[j] > lo || (a[j] == lo && keep_lo);
+            int ok_hi = a[j] < hi || (a[j] == hi && keep_hi);
+            d[j] = ok_lo && ok_hi ? d[j] : 0.0f;
+        }
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            int at_lo = a[j] == lo, at_hi = a[j] == hi;
+            int ok_lo = at_lo ? ++s_lo > cut_lo : a[j] > lo;
+            int ok_hi = at_hi ? ++s_hi <= cut_hi : a[j] < hi;
+            d[j] = ok_lo && ok_hi ? d[j] : 0.0f;
+        }
     }
+    m->seen_lo += eq_lo;
+    m->seen_hi += eq_hi;
 }
 
 /* Sparsify one model's task vector d (= model - base) of a chunk in place: mask, then rescale.
  * ``a`` is scratch for the magnitudes; ``off`` the chunk's first element index in the tensor. */
-static void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t len, tv_model *m) {
+INLINE void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t len, tv_model *m) {
     if (m->mask == MASK_THRESHOLD) {
         float t = (float)m->lo;
         for (int64_t j = 0; j < len; j++) d[j] = fabsf(d[j]) >= t ? d[j] : 0.0f;
@@ -244,7 +276,7 @@ static void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t 
     }
 }
 
-static inline float signf(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+INLINE float signf(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
 /* theta_0 + lam * combine(sparsified task vectors), for one block.
  *   combine = COMBINE_SUM: sum_i w_i d_i, divided by ``divide``;
@@ -294,7 +326,9 @@ MULTIVERSION EXPORT int64_t mk_tv_emit(const void *base, int dtb, const void *co
                 }
             }
             if (out == NULL) {
-                for (int64_t j = 0; j < len; j++) signs += (acc[j] > 0.0f) - (acc[j] < 0.0f);
+                int32_t sg = 0;
+                for (int64_t j = 0; j < len; j++) sg += (acc[j] > 0.0f) - (acc[j] < 0.0f);
+                signs += sg;
                 continue;
             }
             for (int64_t j = 0; j < len; j++) {
