@@ -17,7 +17,6 @@ import math
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -243,6 +242,20 @@ def _merge_native(plan: Plan, reader: _Reader, merger: TensorMerger, inp: _Input
             raise _output_error(plan.method.name, inp.item, overflow=flags[0] == 0)
 
 
+LOOKAHEAD = 8  # items submitted ahead of the writer, per worker
+
+
+def _submission_order(costs: list[int]) -> list[int]:
+    """Plan order, except that the few items much larger than the rest (embeddings, LM head) start
+    first: started last, one would keep a single worker busy while the others idle."""
+    if not costs:
+        return []
+    typical = sorted(costs)[len(costs) // 2]
+    big = [i for i, c in enumerate(costs) if c >= 4 * typical]
+    rest = set(range(len(costs))) - set(big)
+    return big + sorted(rest)
+
+
 def _run_prepass(plan: Plan, reader: _Reader, block: int, workers: int) -> dict[str, Any]:
     """A method's whole-model statistics passes (e.g. TIES's global trim threshold), items in parallel."""
     make = plan.method.prepass
@@ -317,21 +330,32 @@ def _execute(plan: Plan, writer: ModelWriter, reader: _Reader, dev: torch.device
     wthread = threading.Thread(target=write_loop, name="moerge-writer", daemon=True)
     wthread.start()
     notes: dict[str, Any] = {}
-    pending: deque[tuple[int, Future[Any]]] = deque()
+    order = _submission_order(costs)
+    submitted: dict[int, Future[Any]] = {}
+    started: set[int] = set()
     inflight = 0
-    nxt = 0
+    pos = 0
+
+    def submit(i: int) -> None:
+        nonlocal inflight
+        submitted[i] = pool.submit(_merge_item, plan, reader, items[i], extra, block)
+        started.add(i)
+        inflight += costs[i]
+
     try:
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="moerge-merge") as pool:
             try:
                 for k, item in enumerate(items):
-                    while nxt < len(items) and len(pending) < n_workers + 1 and (
-                            not pending or inflight + costs[nxt] <= budget):
-                        pending.append((nxt, pool.submit(_merge_item, plan, reader, items[nxt], extra, block)))
-                        inflight += costs[nxt]
-                        nxt += 1
-                    idx, fut = pending.popleft()
-                    out, item_notes = fut.result()
-                    inflight -= costs[idx]
+                    # run ahead of the writer within the memory budget (outputs wait for their turn)
+                    while pos < len(order) and len(submitted) < LOOKAHEAD * n_workers and (
+                            not submitted or inflight + costs[order[pos]] <= budget):
+                        if order[pos] not in started:
+                            submit(order[pos])
+                        pos += 1
+                    if k not in started:
+                        submit(k)  # the writer needs it next, whatever the budget
+                    out, item_notes = submitted.pop(k).result()
+                    inflight -= costs[k]
                     for key, val in item_notes.items():
                         notes[key] = notes.get(key, 0) + val
                     if write_error:
@@ -340,7 +364,7 @@ def _execute(plan: Plan, writer: ModelWriter, reader: _Reader, dev: torch.device
                     if progress is not None:
                         progress(item, k)
             finally:
-                for _, f in pending:
+                for f in submitted.values():
                     f.cancel()
     finally:
         out_q.put(None)

@@ -106,13 +106,14 @@ class RankSelect:
     pass 0 histograms the high 16 bits; pass 1 the low 16 bits inside the bins
     that hold the wanted ranks. Afterwards, for each wanted rank r (0-based, in
     ascending order) we know its value, how many elements are smaller, and how
-    many are equal. Blocks may be observed from several threads at once.
+    many are equal. With ``shared``, blocks may be observed from several threads at once.
     """
 
     passes = 2
 
-    def __init__(self, ranks: list[int]) -> None:
+    def __init__(self, ranks: list[int], shared: bool = False) -> None:
         self.ranks = ranks
+        self.shared = shared  # observed from several threads at once (else one thread, in order)
         self.hist_hi = torch.zeros(1 << 15, dtype=torch.int64)
         self.bins: list[int] = []
         self.below_bin: list[int] = []
@@ -141,12 +142,16 @@ class RankSelect:
         """:meth:`observe` of |model − base| for raw blocks, by the native kernels; returns #non-finite inputs."""
         from moerge import native
 
+        if p == 1 and not self.bins:
+            return 0
+        if not self.shared:  # the kernels add into the histograms themselves
+            if p == 0:
+                return native.hist_hi(base, model, self.hist_hi)
+            return native.hist_lo(base, model, self.bins, self.hist_lo)
         if p == 0:
             hist = torch.zeros(1 << 15, dtype=torch.int64)
             nf = native.hist_hi(base, model, hist)
         else:
-            if not self.bins:
-                return 0
             hist = torch.zeros(len(self.bins), 1 << 16, dtype=torch.int64)
             nf = native.hist_lo(base, model, self.bins, hist)
         self._add(p, hist)

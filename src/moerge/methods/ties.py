@@ -66,7 +66,7 @@ class GlobalTrimThreshold:
             if not self.density:
                 # one density per model across all tensors is checked by the planner
                 self.density = [float(mp["density"]) for mp in model_params]
-                self.select = [RankSelect([]) if d < 1.0 else None for d in self.density]
+                self.select = [RankSelect([], shared=True) if d < 1.0 else None for d in self.density]
             if p == 0:
                 self.total += base.numel()
 

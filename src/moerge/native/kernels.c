@@ -29,6 +29,8 @@
 #define CH 2048 /* elements per chunk: (models + 4) x 8 KiB of float32 scratch */
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
 enum { MASK_NONE = 0, MASK_THRESHOLD = 1, MASK_WINDOW = 2, MASK_BERNOULLI = 3, MASK_DROP_ALL = 4 };
 enum { COMBINE_SUM = 0, COMBINE_CONSENSUS_SUM = 1, COMBINE_CONSENSUS_COUNT = 2 };
 
@@ -95,14 +97,28 @@ INLINE uint32_t mix32(uint32_t x) {
     return x;
 }
 
-INLINE int keep_bit(uint64_t idx, uint32_t s0, uint32_t s1, uint32_t t24) {
-    uint32_t h = mix32(mix32((uint32_t)idx ^ s0) ^ s1 ^ (uint32_t)(idx >> 32));
-    return (h >> 8) < t24;
+INLINE int keep_bit(uint32_t lo, uint32_t hi, uint32_t s0, uint32_t s1, uint32_t t24) {
+    return (mix32(mix32(lo ^ s0) ^ s1 ^ hi) >> 8) < t24;
+}
+
+/* keep[j] = 1.0f or 0.0f for elements off .. off+len-1, in 32-bit arithmetic (vectorises): the high
+ * word of the index grows by one where the low word wraps. */
+INLINE void keep_mask(float *restrict keep, int64_t off, int64_t len, uint64_t seed, uint32_t t24) {
+    uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
+    uint32_t lo0 = (uint32_t)off, hi0 = (uint32_t)((uint64_t)off >> 32);
+    for (int64_t j = 0; j < len; j++) {
+        uint32_t lo = lo0 + (uint32_t)j;
+        keep[j] = keep_bit(lo, hi0 + (lo < lo0), s0, s1, t24) ? 1.0f : 0.0f;
+    }
 }
 
 MULTIVERSION EXPORT void mk_bernoulli(int64_t start, int64_t n, uint64_t seed, uint32_t t24, uint8_t *out) {
-    uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
-    for (int64_t j = 0; j < n; j++) out[j] = (uint8_t)keep_bit((uint64_t)(start + j), s0, s1, t24);
+    float keep[CH];
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        keep_mask(keep, start + c, len, seed, t24);
+        for (int64_t j = 0; j < len; j++) out[c + j] = keep[j] != 0.0f;
+    }
 }
 
 /* |model - base| as float32 bits, for a chunk. */
@@ -119,27 +135,39 @@ INLINE int64_t abs_delta_bits(uint32_t *restrict bits, float *restrict tmp, cons
 }
 
 /* Radix selection, pass 0: histogram of the high 15 bits of |model - base| (base may be NULL).
- * Branch-free; four interleaved counter sets so that runs of equal values (sparse task vectors are
- * mostly exact zeros) do not serialise on one counter. */
+ * Branch-free; four interleaved counter sets so that runs of equal values do not serialise on one
+ * counter, and chunks that are mostly exact zeros (sparse task vectors) count those apart. */
 MULTIVERSION EXPORT int64_t mk_hist_hi(const void *base, int dtb, const void *model, int dtm, int64_t n,
                                        int64_t *hist) {
     uint32_t bits[CH];
     float tmp[CH];
     uint32_t *h = calloc(4 << 15, sizeof(uint32_t));
-    int64_t nf = 0;
+    int64_t nf = 0, zeros = 0;
     if (h == NULL) return -1;
     for (int64_t c = 0; c < n; c += CH) {
         int64_t len = n - c < CH ? n - c : CH;
         nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
+        int32_t z = 0;
+        for (int64_t j = 0; j < len; j++) z += bits[j] == 0;
+        int64_t m = len;
+        if (z > len / 4) { /* mostly exact zeros (sparse task vectors): count them, scatter the rest */
+            zeros += z;
+            m = 0;
+            for (int64_t j = 0; j < len; j++) {
+                bits[m] = bits[j];
+                m += bits[j] != 0;
+            }
+        }
         int64_t j = 0;
-        for (; j + 3 < len; j += 4) {
+        for (; j + 3 < m; j += 4) {
             h[bits[j] >> 16]++;
             h[(1 << 15) + (bits[j + 1] >> 16)]++;
             h[(2 << 15) + (bits[j + 2] >> 16)]++;
             h[(3 << 15) + (bits[j + 3] >> 16)]++;
         }
-        for (; j < len; j++) h[bits[j] >> 16]++;
+        for (; j < m; j++) h[bits[j] >> 16]++;
     }
+    hist[0] += zeros;
     for (int i = 0; i < 1 << 15; i++)
         hist[i] += (int64_t)h[i] + h[(1 << 15) + i] + h[(2 << 15) + i] + h[(3 << 15) + i];
     free(h);
@@ -179,25 +207,35 @@ MULTIVERSION EXPORT int64_t mk_hist_lo(const void *base, int dtb, const void *mo
     return nf;
 }
 
-/* DARE's L1 rescale statistics: sums[0] += sum |d|, sums[1] += sum |d| over kept entries. */
+/* DARE's L1 rescale statistics: sums[0] += sum |d|, sums[1] += sum |d| over kept entries
+ * (double precision, in four interleaved partial sums). */
 MULTIVERSION EXPORT int64_t mk_dare_l1(const void *base, int dtb, const void *model, int dtm, int64_t n,
                                        int64_t start, uint64_t seed, uint32_t t24, double *sums) {
     uint32_t bits[CH];
-    float tmp[CH];
-    uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
+    float tmp[CH], keep[CH];
     int64_t nf = 0;
-    double all = 0.0, kept = 0.0;
+    v4d all = {0, 0, 0, 0}, kept = {0, 0, 0, 0};
+    double all_tail = 0.0, kept_tail = 0.0;
     for (int64_t c = 0; c < n; c += CH) {
         int64_t len = n - c < CH ? n - c : CH;
         nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
-        for (int64_t j = 0; j < len; j++) {
-            double a = (double)u2f(bits[j]);
-            all += a;
-            kept += keep_bit((uint64_t)(start + c + j), s0, s1, t24) ? a : 0.0;
+        keep_mask(keep, start + c, len, seed, t24);
+        for (int64_t j = 0; j < len; j++) tmp[j] = u2f(bits[j]);
+        int64_t j = 0;
+        for (; j + 4 <= len; j += 4) {
+            v4f x, k;
+            memcpy(&x, tmp + j, sizeof x);
+            memcpy(&k, keep + j, sizeof k);
+            all += __builtin_convertvector(x, v4d);
+            kept += __builtin_convertvector(x * k, v4d);
+        }
+        for (; j < len; j++) {
+            all_tail += (double)tmp[j];
+            kept_tail += (double)(tmp[j] * keep[j]);
         }
     }
-    sums[0] += all;
-    sums[1] += kept;
+    sums[0] += all[0] + all[1] + all[2] + all[3] + all_tail;
+    sums[1] += kept[0] + kept[1] + kept[2] + kept[3] + kept_tail;
     return nf;
 }
 
@@ -265,10 +303,8 @@ INLINE void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t 
     } else if (m->mask == MASK_DROP_ALL) {
         for (int64_t j = 0; j < len; j++) d[j] = 0.0f;
     } else if (m->mask == MASK_BERNOULLI) {
-        uint32_t s0 = (uint32_t)(uint64_t)m->seed, s1 = (uint32_t)((uint64_t)m->seed >> 32);
-        uint32_t t24 = (uint32_t)m->t24;
-        for (int64_t j = 0; j < len; j++)
-            d[j] = keep_bit((uint64_t)(off + j), s0, s1, t24) ? d[j] : 0.0f;
+        keep_mask(a, off, len, (uint64_t)m->seed, (uint32_t)m->t24);
+        for (int64_t j = 0; j < len; j++) d[j] = a[j] != 0.0f ? d[j] : 0.0f;
     }
     if (m->scale != 1.0) {
         float s = (float)m->scale;
