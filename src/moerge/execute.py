@@ -86,9 +86,9 @@ class _Reader:
         range is read into this thread's reusable buffer number ``slot`` (valid until the next read
         into that slot): no allocation, no page faults per block."""
         buffer = None
-        if slot is not None:
+        if slot is not None and count is not None:
             bufs = self._buffers.__dict__.setdefault("bufs", {})
-            nbytes = count * 8 if count is not None else 0
+            nbytes = count * 8  # the widest dtype
             if slot not in bufs or bufs[slot].numel() < nbytes:
                 bufs[slot] = torch.empty(max(nbytes, BLOCK * 4), dtype=torch.uint8)
             buffer = bufs[slot]

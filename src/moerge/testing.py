@@ -15,6 +15,22 @@ from typing import Any
 import torch
 
 
+def make_bpe_tokenizer(path: str | Path, texts: list[str], vocab_size: int = 300) -> Any:
+    """A small byte-level BPE tokenizer trained on ``texts``, saved in HF layout at ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
 def make_llama(path: str | Path, *, seed: int = 0, vocab: int = 64, hidden: int = 32,
                intermediate: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                dtype: torch.dtype = torch.float32, tie: bool = False,

