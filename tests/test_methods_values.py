@@ -43,7 +43,7 @@ def code_path(request):
 
 
 def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, extra=None, block=None,
-        native: bool | None = None, **params):
+        native: bool | None = None, out_dtype=None, **params):
     """Call a registered method with its defaults for ``conventions``, overridden by ``params``."""
     m = get_method(name)
     g, per = {}, [{} for _ in models]
@@ -55,7 +55,7 @@ def run(name: str, base, models, *, conventions: str = "paper", seed: int = 0, e
         else:
             g[p.name] = params.get(p.name, p.default_for(conventions))
     return m(base, list(models), per, g, seed=seed, block=block, native=NATIVE if native is None else native,
-             **(extra or {}))
+             out_dtype=out_dtype, **(extra or {}))
 
 
 def test_linear_weighted_normalized():

@@ -69,29 +69,13 @@ def test_native_path_equals_torch_path(rows, cols, k, seed, method, conventions,
     ref = run(method, None if b is None else b.float(), [m.float() for m in models], conventions=conventions,
               seed=seed, native=False, **kw)
     got = run(method, b, models, conventions=conventions, seed=seed, native=True, block=block,
-              extra=None, **kw) if not bf16 else None
-    if bf16:
-        got = get_native(method, b, models, conventions, seed, block, kw, torch.float32)
+              out_dtype=torch.float32, **kw)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
     if bf16:  # rounding into the output dtype is torch's round-to-nearest-even
-        as_bf16 = get_native(method, b, models, conventions, seed, block, kw, torch.bfloat16)
+        as_bf16 = run(method, b, models, conventions=conventions, seed=seed, native=True, block=block,
+                      out_dtype=torch.bfloat16, **kw)
         assert torch.equal(as_bf16, got.to(torch.bfloat16))
-
-
-def get_native(method, base, models, conventions, seed, block, kw, out_dtype):
-    from moerge.methods import get_method
-
-    m = get_method(method)
-    g, per = {}, [{} for _ in models]
-    for p in m.params:
-        if p.per_model:
-            vals = kw.get(p.name, p.default_for(conventions))
-            for i in range(len(models)):
-                per[i][p.name] = vals[i] if isinstance(vals, list) else vals
-        else:
-            g[p.name] = kw.get(p.name, p.default_for(conventions))
-    return m(base, list(models), per, g, seed=seed, block=block, native=True, out_dtype=out_dtype)
 
 
 def test_window_ties_broken_by_position_across_blocks():

@@ -12,6 +12,7 @@ torch code path, which computes the same values.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,8 +113,6 @@ def _dt(t: torch.Tensor | None) -> int:
 
 def t24(density: float) -> int:
     """The integer keep threshold of a density: keep iff the top 24 bits of the hash are below it."""
-    import math
-
     return min(1 << 24, math.ceil(density * (1 << 24)))
 
 
