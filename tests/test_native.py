@@ -78,6 +78,34 @@ def test_native_path_equals_torch_path(rows, cols, k, seed, method, conventions,
         assert torch.equal(as_bf16, got.to(torch.bfloat16))
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 50), k=st.integers(2, 5), seed=st.integers(0, 2**31 - 1),
+       method=st.sampled_from(["slerp", "model_stock"]), conventions=st.sampled_from(["paper", "mergekit"]),
+       bf16=st.booleans(), block=st.integers(1, 80), t=st.floats(0.0, 1.0))
+def test_native_gram_methods_equal_torch_path(rows, cols, k, seed, method, conventions, bf16, block, t):
+    base, models = _inputs(rows, cols, k if method == "model_stock" else 1, seed, False,
+                           torch.bfloat16 if bf16 else torch.float32)
+    if method == "slerp" and seed % 3 == 0:  # nearly colinear: the linear fallback
+        models = [(base.float() * 1.5).to(base.dtype)]
+    kw = {"t": t} if method == "slerp" else {}
+    ref = run(method, base.float(), [m.float() for m in models], conventions=conventions, native=False, **kw)
+    got = run(method, base, models, conventions=conventions, native=True, block=block, out_dtype=torch.float32, **kw)
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_gram_kernel_against_float64():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5000, generator=g)
+    models = [torch.randn(5000, generator=g).to(torch.bfloat16) for _ in range(3)]
+    out = torch.zeros(3, 3, dtype=torch.float64)
+    native.gram(base, models, out)
+    native.gram(base, models, out)  # accumulates
+    d = [(m.float() - base).double() for m in models]  # differences in float32, as in the torch path
+    for i in range(3):
+        for j in range(i, 3):
+            assert out[i, j].item() == pytest.approx(2 * float((d[i] * d[j]).sum()), rel=1e-12)
+
+
 def test_window_ties_broken_by_position_across_blocks():
     # eight equal magnitudes, keep the top 3 by rank: the last three by position survive
     base = torch.zeros(8)
@@ -92,6 +120,7 @@ def test_window_ties_broken_by_position_across_blocks():
     ("dare_ties", {"density": 0.6}),
     ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
     ("linear", {}),
+    ("model_stock", {}),
 ])
 def test_merge_native_equals_torch_end_to_end(llama_bf16, tmp_path, method, params):
     r = recipe(method, None if method == "linear" else llama_bf16["base"],

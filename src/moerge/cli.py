@@ -21,6 +21,9 @@ Examples:
   moerge methods                             every method and its parameters
   moerge methods ties                        one method in detail
   moerge demo ./demo                         build small models and merge them
+  moerge zoo build text --track encoder      fine-tune real experts (offline)
+  moerge compare --track encoder             merge them every way, score held-in/held-out
+  moerge report results                      HTML report and figures
 
 Recipes are YAML in moerge's format (method: ...) or mergekit's (merge_method: ...).
 See the README for a recipe gallery."""
@@ -269,3 +272,48 @@ def demo(ctx: click.Context, out_dir: str, method: str, force: bool) -> None:
         run_demo(out_dir, method=method, force=force, echo=click.echo)
 
     _run(ctx, body)
+
+
+@main.command("extract-lora")
+@click.argument("model")
+@click.argument("base")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank of every adapted layer.")
+@click.option("--include-embeddings", is_flag=True, help="Also factorise changed embedding matrices.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.pass_context
+def extract_lora(ctx: click.Context, model: str, base: str, out_dir: str, rank: int, include_embeddings: bool,
+                 force: bool) -> None:
+    """Write MODEL − BASE as a PEFT LoRA adapter in OUT_DIR (truncated SVD per linear layer).
+
+    \b
+    Reports the share of ‖ΔW‖² the truncation discards, per tensor (worst
+    first) and in total, and lists changed tensors a LoRA cannot carry (norms,
+    biases). A merge of LoRA experts can be written back as one adapter:
+      moerge merge recipe.yaml ./merged && moerge extract-lora ./merged ./base ./merged-lora --rank 16
+    """
+
+    def body() -> None:
+        from moerge.extract import extract_lora as do_extract
+
+        rep = do_extract(model, base, out_dir, rank=rank, include_embeddings=include_embeddings, force=force)
+        worst = sorted(rep.tensors.items(), key=lambda kv: -kv[1])[:5]
+        click.echo(f"rank {rank}: {len(rep.tensors)} layers, discarded {rep.discarded:.2%} of ‖ΔW‖²")
+        for name, share in worst:
+            click.echo(f"  {share:8.2%}  {name}")
+        if rep.not_representable:
+            click.echo(f"warning: {len(rep.not_representable)} changed tensors are not linear-layer weights and are "
+                       f"not in the adapter: " + ", ".join(list(rep.not_representable)[:5]), err=True)
+        click.echo(f"wrote {rep.output}")
+
+    _run(ctx, body)
+
+
+def _add_evaluation_commands() -> None:
+    from moerge.evaluation import cli as evaluation_cli
+
+    for command in evaluation_cli.COMMANDS:
+        main.add_command(command)
+
+
+_add_evaluation_commands()

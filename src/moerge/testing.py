@@ -153,3 +153,26 @@ def make_llama_like_big(path: str | Path, *, hidden: int, intermediate: int, lay
         w.write_text("config.json", json.dumps(d, indent=2))
         w.commit()
     return path
+
+
+def make_lora(base: str | Path, dst: str | Path, *, seed: int = 0, rank: int = 4, alpha: int = 8,
+              targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), std: float = 0.1,
+              **lora_kwargs: Any) -> Path:
+    """A PEFT LoRA adapter for ``base`` with random (non-zero) A and B, saved in PEFT's layout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                                  lora_dropout=0.0, **lora_kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    peft_model.save_pretrained(str(dst))
+    cfg_path = Path(dst) / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(Path(base).resolve())
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return Path(dst)

@@ -31,6 +31,7 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], words: Se
 
     Prompts longer than ``max_length`` tokens keep their last tokens (the
     question at the end of the prompt matters more than the start of the text).
+    Prompts are batched by length, so little compute goes to padding.
     """
     model.eval()
     words_ids = label_ids(tokenizer, words)
@@ -38,15 +39,18 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], words: Se
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     out = torch.empty(len(prompts), len(words), dtype=torch.float64)
-    for b0 in range(0, len(prompts), batch_size):
-        prompt_ids = [list(tokenizer(p)["input_ids"])[-(max_length - longest):] for p in prompts[b0:b0 + batch_size]]
+    prompt_ids = [list(tokenizer(p)["input_ids"])[-(max_length - longest):] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        batch = [prompt_ids[i] for i in idx]
         if longest == 1:  # one pass: the next-token distribution after each prompt
-            logp = _last_logprobs(model, prompt_ids, pad, device)
-            out[b0:b0 + len(prompt_ids)] = logp[:, [w[0] for w in words_ids]].double().cpu()
+            logp = last_logprobs(model, batch, pad, device)
+            out[idx] = logp[:, [w[0] for w in words_ids]].double().cpu()
             continue
         for j, w in enumerate(words_ids):
-            seqs = [p + w for p in prompt_ids]
-            out[b0:b0 + len(seqs), j] = _continuation_logprob(model, seqs, [len(w)] * len(seqs), pad, device)
+            seqs = [p + w for p in batch]
+            out[idx, j] = _continuation_logprob(model, seqs, [len(w)] * len(seqs), pad, device)
     return out
 
 
@@ -61,11 +65,30 @@ def _batch(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
-def _last_logprobs(model: Any, seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    ids, mask = _batch(seqs, pad, device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    last = mask.sum(1) - 1
-    return torch.log_softmax(logits[torch.arange(len(seqs), device=device), last].float(), dim=-1)
+def left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids (positions start at 0 at each sequence's first token)."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, n - len(s):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
+
+def last_logits(model: Any, seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """Logits of the token after each sequence, [batch, vocab] (only the last position goes through the head)."""
+    inputs = left_padded(seqs, pad, device)
+    try:
+        logits = model(**inputs, logits_to_keep=1).logits
+    except TypeError:  # a model class without logits_to_keep
+        logits = model(**inputs).logits
+    return logits[:, -1].float()
+
+
+def last_logprobs(model: Any, seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    return torch.log_softmax(last_logits(model, seqs, pad, device), dim=-1)
 
 
 def _continuation_logprob(model: Any, seqs: list[list[int]], tail: list[int], pad: int,

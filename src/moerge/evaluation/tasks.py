@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import gzip
 import hashlib
 import importlib.util
 import io
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,7 +230,7 @@ class Splits:
             raise KeyError(split)
         return getattr(self, split)
 
-    @property
+    @functools.cached_property
     def hashes(self) -> dict[str, str]:
         return {s: content_hash(self[s]) for s in ("train", "validation", "test")}
 
@@ -243,7 +244,7 @@ def content_hash(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def dedupe(examples: list[Example]) -> list[Example]:
+def dedupe(examples: Sequence[Example]) -> list[Example]:
     """Drop repeated texts (whitespace-normalised); a text seen with two labels is dropped entirely."""
     labels: dict[str, set[int]] = {}
     first: dict[str, Example] = {}
@@ -264,7 +265,7 @@ def make_splits(task: Task | str, sizes: tuple[int, int, int], seed: int = 0,
     examples than asked, every split shrinks in proportion.
     """
     t = get_task(task) if isinstance(task, str) else task
-    data = dedupe(examples if examples is not None else t.load())
+    data = dedupe(examples if examples is not None else _load_cached(t.name))
     if not data:
         raise TaskError(f"task {t.name!r} has no examples")
     by_label: dict[int, list[Example]] = {}
@@ -290,6 +291,11 @@ def make_splits(task: Task | str, sizes: tuple[int, int, int], seed: int = 0,
         rng.shuffle(part)
         parts.append(part)
     return Splits(t.name, seed, *parts)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(name: str) -> tuple[Example, ...]:
+    return tuple(get_task(name).load())
 
 
 def _apportion(size: int, counts: dict[int, int]) -> dict[int, int]:

@@ -1,7 +1,8 @@
 """Opening a model checkpoint as a lazy map from tensor name to tensor.
 
 A checkpoint is a Hugging Face model directory (one ``model.safetensors`` or
-shards listed in ``model.safetensors.index.json``), a single ``.safetensors``
+shards listed in ``model.safetensors.index.json``), a PEFT LoRA adapter folder
+(see :mod:`moerge.io.lora`), a single ``.safetensors``
 file, a PyTorch ``.bin`` checkpoint (only with ``allow_pickle``, and then only
 through ``torch.load(weights_only=True, mmap=True)``), or a Hugging Face repo id
 that is already in the local Hugging Face cache. Nothing is downloaded and no
@@ -112,8 +113,14 @@ class Checkpoint:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
+        """Open a model folder, a weights file, a cached hub model, or a PEFT LoRA adapter folder
+        (read as base + scale·B·A, see :mod:`moerge.io.lora`)."""
         path = resolve_reference(ref)
         root = path if path.is_dir() else path.parent
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            from moerge.io.lora import LoraCheckpoint
+
+            return LoraCheckpoint(str(ref), path, allow_pickle=allow_pickle)  # type: ignore[return-value]
         if path.is_file():
             if path.suffix == ".safetensors":
                 return cls._from_safetensors(str(ref), root, [path])

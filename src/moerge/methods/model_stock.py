@@ -42,7 +42,30 @@ class ModelStockMerger(TensorMerger):
         for k, (i, j) in enumerate(self.pairs):
             self.dots[k, r0:r1] += (deltas[i] * deltas[j]).sum(1).cpu()
 
+    # native: one Gram matrix of the task vectors per tensor, then Σ wᵢθᵢ with wᵢ = t/N, w₀ = 1 − t
+    def native_ok(self) -> bool:
+        from moerge import native
+
+        return not self.row_aligned and self.n <= native.GRAM_MAX
+
+    def observe_native(self, p, start, base, models) -> int:  # noqa: ANN001
+        from moerge import native
+
+        if not hasattr(self, "_gram"):
+            self._gram = torch.zeros(self.n, self.n, dtype=torch.float64)
+        return native.gram(base, models, self._gram)
+
+    def emit_native(self, start, base, models, out, flags) -> int:  # noqa: ANN001
+        from moerge import native
+
+        t = float(self.t[0])
+        return native.linear_emit([base, *models], [1.0 - t] + [t / self.n] * self.n, 1.0, out, flags)
+
     def end_pass(self, p: int) -> None:
+        if hasattr(self, "_gram"):  # the native statistics
+            self.sq[:, 0] = self._gram.diagonal()
+            for k, (i, j) in enumerate(self.pairs):
+                self.dots[k, 0] = self._gram[i, j]
         norms = self.sq.sqrt()
         cos = torch.zeros(self.rows, dtype=torch.float64)
         for k, (i, j) in enumerate(self.pairs):

@@ -27,6 +27,25 @@ class SlerpMerger(TensorMerger):
         self.n1 += float(v1.square().sum())
         self.dot += float((v0 * v1).sum())
 
+    # native: the 2×2 Gram matrix of (base, model), then c₀·θ₀ + c₁·θ₁
+    def native_ok(self) -> bool:
+        return True
+
+    def observe_native(self, p, start, base, models) -> int:  # noqa: ANN001
+        from moerge import native
+
+        g = torch.zeros(2, 2, dtype=torch.float64)
+        nf = native.gram(None, [base, models[0]], g)
+        self.n0 += float(g[0, 0])
+        self.n1 += float(g[1, 1])
+        self.dot += float(g[0, 1])
+        return nf
+
+    def emit_native(self, start, base, models, out, flags) -> int:  # noqa: ANN001
+        from moerge import native
+
+        return native.linear_emit([base, models[0]], [self.c0, self.c1], 1.0, out, flags)
+
     def end_pass(self, p: int) -> None:
         n0, n1 = math.sqrt(self.n0), math.sqrt(self.n1)
         dot = self.dot / ((n0 if n0 > self.eps else 1.0) * (n1 if n1 > self.eps else 1.0))

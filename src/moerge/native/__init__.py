@@ -59,9 +59,11 @@ def _lib() -> ctypes.CDLL | None:
     lib.mk_tv_emit.argtypes = [c_void_p, c_int, POINTER(c_void_p), POINTER(ctypes.c_int32), c_int,
                                POINTER(TVModel), c_int64, c_int64, c_int, c_float, c_float, c_int, c_float,
                                c_void_p, c_int, i64p, POINTER(c_double)]
+    lib.mk_gram.argtypes = [c_void_p, c_int, POINTER(c_void_p), POINTER(ctypes.c_int32), c_int, c_int64,
+                            POINTER(c_double)]
     lib.mk_linear_emit.argtypes = [POINTER(c_void_p), POINTER(ctypes.c_int32), c_int, POINTER(c_float), c_int64,
                                    c_float, c_void_p, c_int, i64p]
-    for f in (lib.mk_hist_hi, lib.mk_hist_lo, lib.mk_dare_l1, lib.mk_tv_emit, lib.mk_linear_emit):
+    for f in (lib.mk_hist_hi, lib.mk_hist_lo, lib.mk_dare_l1, lib.mk_tv_emit, lib.mk_linear_emit, lib.mk_gram):
         f.restype = c_int64
     return lib
 
@@ -171,6 +173,19 @@ def linear_emit(models: list[torch.Tensor], weight: list[float], divide: float, 
     w = (c_float * len(weight))(*weight)
     return _check(_lib_or_raise().mk_linear_emit(ptrs, dts, len(models), w, models[0].numel(), divide,
                                                  out.data_ptr(), _dt(out), flags))
+
+
+GRAM_MAX = 8  # models per call of mk_gram
+
+
+def gram(base: torch.Tensor | None, models: list[torch.Tensor], out: torch.Tensor) -> int:
+    """Add the block's Gram matrix of (modelᵢ − base), or of the models when ``base`` is None, to the upper
+    triangle of ``out`` (a contiguous float64 [k, k] CPU tensor); returns #non-finite inputs."""
+    if len(models) > GRAM_MAX:
+        raise ValueError(f"mk_gram takes at most {GRAM_MAX} models")
+    ptrs, dts = _inputs(models)
+    acc = ctypes.cast(out.data_ptr(), POINTER(c_double))
+    return _check(_lib_or_raise().mk_gram(_ptr(base), _dt(base), ptrs, dts, len(models), models[0].numel(), acc))
 
 
 def new_flags() -> Any:

@@ -413,6 +413,38 @@ MULTIVERSION EXPORT int64_t mk_linear_emit(const void *const *models, const int3
     return nf;
 }
 
+/* Gram matrix of the (task) vectors of one block, accumulated in double: out[i*k + j] += Σ dᵢ·dⱼ
+   for i ≤ j, with dᵢ = modelᵢ − base (or modelᵢ when base is NULL). For SLERP (norms and the dot
+   product of two models) and Model Stock (norms and pairwise dots of the task vectors). */
+MULTIVERSION EXPORT int64_t mk_gram(const void *base, int dtb, const void *const *models, const int32_t *dtm,
+                                    int k, int64_t n, double *out) {
+    float b[CH], d[8][CH];
+    int64_t nf = 0;
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        if (base) nf += load(b, base, dtb, c, len);
+        for (int i = 0; i < k; i++) {
+            nf += load(d[i], models[i], dtm[i], c, len);
+            if (base)
+                for (int64_t j = 0; j < len; j++) d[i][j] -= b[j];
+        }
+        for (int i = 0; i < k; i++)
+            for (int l = i; l < k; l++) {
+                double acc0 = 0.0, acc1 = 0.0, acc2 = 0.0, acc3 = 0.0;
+                int64_t j = 0;
+                for (; j + 4 <= len; j += 4) {
+                    acc0 += (double)d[i][j] * (double)d[l][j];
+                    acc1 += (double)d[i][j + 1] * (double)d[l][j + 1];
+                    acc2 += (double)d[i][j + 2] * (double)d[l][j + 2];
+                    acc3 += (double)d[i][j + 3] * (double)d[l][j + 3];
+                }
+                for (; j < len; j++) acc0 += (double)d[i][j] * (double)d[l][j];
+                out[i * k + l] += (acc0 + acc1) + (acc2 + acc3);
+            }
+    }
+    return nf;
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
                                     "moerge native kernels (loaded through ctypes)", -1, NULL};
 

@@ -1,0 +1,83 @@
+"""The encoder track: a sentence encoder, mean pooling, and one linear head per task.
+
+Only the encoder is merged; each held-in task keeps its expert's head (the
+setting of most merging papers). Held-out tasks have no head: they are scored by
+a linear probe fitted on frozen features of the task's train split, so they
+measure how useful the (merged) representation is for a task no expert saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HEAD_FILE = "head.safetensors"
+
+
+def load_encoder(path: str | Path) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model, tok
+
+
+def pooled(model: Any, tok: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    """Mean-pooled last hidden states (gradients flow; call under no_grad to embed)."""
+    enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def embed(model: Any, tok: Any, texts: Sequence[str], *, max_length: int = 64, batch_size: int = 64) -> torch.Tensor:
+    """Features of many texts, batched by length (less padding), in the input order."""
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.config.hidden_size)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        out[idx] = pooled(model, tok, [texts[i] for i in idx], max_length).float().cpu()
+    return out
+
+
+def fit_probe(features: torch.Tensor, labels: Sequence[int], n_classes: int, *, l2: float = 1e-3,
+              iterations: int = 200) -> torch.nn.Linear:
+    """Multinomial logistic regression on fixed features (full-batch L-BFGS, deterministic)."""
+    y = torch.tensor(list(labels))
+    head = torch.nn.Linear(features.shape[1], n_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(features), y) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+def save_head(head: torch.nn.Linear, path: Path, task: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+              str(path), metadata={"task": task})
+
+
+def load_head(path: Path) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    head = torch.nn.Linear(t["weight"].shape[1], t["weight"].shape[0])
+    with torch.no_grad():
+        head.weight.copy_(t["weight"])
+        head.bias.copy_(t["bias"])
+    return head

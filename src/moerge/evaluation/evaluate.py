@@ -1,0 +1,179 @@
+"""Scoring a model folder on the tasks of a suite, with results cached by content.
+
+A model is a Hugging Face folder (full weights) or a PEFT LoRA adapter folder
+(applied to its base first). Each (model weights, heads, task, split, settings)
+score is cached in ``CACHE/eval`` under a hash of the model files and of the
+split's content, so re-running a report or a sweep never scores twice.
+
+Decoder track: label-word log-likelihood after the task's prompt (zero-shot
+for any task). Encoder track: a held-in task uses its expert's head
+(``heads/<task>/head.safetensors``); any other task, or ``mode="probe"``, a
+linear probe fitted on frozen features of the task's train split.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.evaluation.models import check_track, default_cache
+from moerge.evaluation.tasks import Splits, TaskError, get_suite, get_task, make_splits
+
+SCORING_VERSION = 1
+EXPERT_META = "moerge_expert.json"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    suite: str
+    track: str
+    split: str = "test"  # validation | test
+    limit: int | None = None  # at most this many examples per task (the split's first ones; splits are shuffled)
+    max_length: int = 64
+    seed: int = 0  # the split seed
+    probe_examples: int = 1000  # train examples for a linear probe
+
+    def __post_init__(self) -> None:
+        check_track(self.track)
+        get_suite(self.suite)
+        if self.split not in ("validation", "test"):
+            raise TaskError(f"unknown split {self.split!r}", hint="validation or test (train is for training)")
+
+
+def splits_for(settings: EvalSettings, task: str) -> Splits:
+    return _splits(task, get_suite(settings.suite).sizes, settings.seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _splits(task: str, sizes: tuple[int, int, int], seed: int) -> Splits:
+    return make_splits(task, sizes, seed=seed)
+
+
+def files_hash(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "adapter_config.json",
+                                                          "config.json")) -> str:
+    """blake2b of the weight files of a folder (names and bytes), 16 hex digits."""
+    h = hashlib.blake2b(digest_size=8)
+    for pattern in patterns:
+        for f in sorted(folder.glob(pattern)):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").exists()
+
+
+def load_model(folder: Path, track: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from a full folder or a PEFT adapter folder (merged into its base for scoring)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    cls = AutoModelForCausalLM if track == "decoder" else AutoModel
+    if is_adapter(folder):
+        from peft import PeftModel
+
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32), str(folder))
+        model = model.merge_and_unload()
+        tok_dir = folder if (folder / "tokenizer_config.json").exists() else Path(base)
+    else:
+        model, tok_dir = cls.from_pretrained(str(folder), dtype=torch.float32), folder
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+class Evaluator:
+    """Scores models on one suite/track/split; one model is loaded at a time."""
+
+    def __init__(self, settings: EvalSettings, *, heads: Path | None = None, cache: Path | None = None):
+        self.settings = settings
+        self.heads = heads
+        self.cache = (cache or default_cache()) / "eval"
+        self._splits: dict[str, Splits] = {}
+        self._probe_cache: dict[tuple[str, str], tuple[torch.Tensor, list[int]]] = {}
+
+    def split(self, task: str) -> Splits:
+        if task not in self._splits:
+            self._splits[task] = splits_for(self.settings, task)
+        return self._splits[task]
+
+    def examples(self, task: str) -> list[Any]:
+        ex = self.split(task)[self.settings.split]
+        return ex[: self.settings.limit] if self.settings.limit else ex
+
+    def head_path(self, task: str) -> Path | None:
+        if self.heads is None:
+            return None
+        p = self.heads / task / "head.safetensors"
+        return p if p.exists() else None
+
+    def _key(self, model_hash: str, task: str, mode: str) -> Path:
+        s = self.settings
+        sp = self.split(task)
+        head = self.head_path(task) if mode == "head" else None
+        parts = [model_hash, s.track, task, s.split, sp.hashes[s.split], str(s.limit), str(s.max_length), mode,
+                 files_hash(head.parent, ("head.safetensors",)) if head else "-",
+                 sp.hashes["train"] if mode == "probe" else "-", str(s.probe_examples), str(SCORING_VERSION)]
+        return self.cache / model_hash / (hashlib.blake2b("/".join(parts).encode(), digest_size=8).hexdigest()
+                                          + ".json")
+
+    def mode(self, task: str, probe: bool) -> str:
+        if self.settings.track == "decoder":
+            return "label-words"
+        return "head" if not probe and self.head_path(task) is not None else "probe"
+
+    def score(self, model_dir: str | os.PathLike[str], tasks: list[str] | None = None, *,
+              probe_only: bool = False) -> dict[str, float]:
+        """Accuracy per task (cached); ``probe_only`` scores every encoder task with a linear probe."""
+        folder = Path(model_dir)
+        tasks = tasks or list(get_suite(self.settings.suite).tasks)
+        h = files_hash(folder)
+        out, todo = {}, []
+        for t in tasks:
+            key = self._key(h, t, self.mode(t, probe_only))
+            if key.exists():
+                out[t] = json.loads(key.read_text())["accuracy"]
+            else:
+                todo.append((t, key))
+        if todo:
+            model, tok = load_model(folder, self.settings.track)
+            for t, key in todo:
+                out[t] = self._score_one(model, tok, t, self.mode(t, probe_only))
+                key.parent.mkdir(parents=True, exist_ok=True)
+                tmp = key.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"accuracy": out[t], "model": str(folder), "task": t,
+                                           "settings": asdict(self.settings), "mode": self.mode(t, probe_only),
+                                           "n": len(self.examples(t))}))
+                tmp.replace(key)
+            del model
+        return {t: out[t] for t in tasks}
+
+    def _score_one(self, model: Any, tok: Any, task_name: str, mode: str) -> float:
+        from moerge.evaluation.scoring import accuracy, label_logprobs
+
+        task, ex = get_task(task_name), self.examples(task_name)
+        labels = [e.label for e in ex]
+        if mode == "label-words":
+            scores = label_logprobs(model, tok, [task.render(e.text) for e in ex], task.words,
+                                    max_length=self.settings.max_length, batch_size=16)
+            return accuracy(scores, labels)
+        from moerge.evaluation.encoder import embed, fit_probe, load_head
+
+        feats = embed(model, tok, [e.text for e in ex], max_length=self.settings.max_length)
+        if mode == "head":
+            head = load_head(self.head_path(task_name))  # type: ignore[arg-type]
+        else:
+            train = self.split(task_name).train[: self.settings.probe_examples]
+            tf = embed(model, tok, [e.text for e in train], max_length=self.settings.max_length)
+            head = fit_probe(tf, [e.label for e in train], len(task.labels))
+        with torch.no_grad():
+            return accuracy(head(feats), labels)

@@ -1,0 +1,252 @@
+"""Merges of zoo experts, scored honestly: baselines, validation-only sweeps, test results, expert-count curves.
+
+Every evaluated model becomes one JSON record in a results folder (what was
+merged, how, on which split, per-task accuracy, accuracy normalised by the
+fine-tuned expert of each task, the held-in and held-out means, the merge's wall
+time and peak memory). ``moerge report`` draws its tables and figures from these
+records only.
+
+Protocol (after "Realistic Evaluation of Model Merging for Compositional
+Generalization"): hyperparameters are chosen by the mean normalised accuracy on
+the *validation* splits of the *held-in* tasks; the chosen merge alone is then
+scored on the test splits of all tasks. Held-out tasks never influence a choice.
+Normalisation: a task's accuracy divided by the accuracy, on the same split, of
+the full fine-tuned expert of that task (for held-out tasks that expert exists
+only as a reference and is never merged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moerge.evaluation.evaluate import EvalSettings, Evaluator
+from moerge.evaluation.models import default_cache
+from moerge.evaluation.tasks import TaskError, get_suite
+from moerge.evaluation.zoo import MULTITASK, expert_dir, list_experts, pretrained_dir
+
+# data-free methods of the engine and the values tried on validation (slerp takes one model: not in a
+# many-expert comparison; passthrough does not merge)
+GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
+    "full": {
+        "linear": {},
+        "task_arithmetic": {"lambda": [0.2, 0.3, 0.5, 0.7, 1.0]},
+        "ties": {"density": [0.2, 0.5], "lambda": [0.5, 0.7, 1.0]},
+        "dare_linear": {"density": [0.3, 0.5], "lambda": [0.3, 0.5, 0.7]},
+        "dare_ties": {"density": [0.3, 0.5], "lambda": [0.5, 1.0]},
+        "breadcrumbs": {"density": [0.8, 0.9], "lambda": [0.3, 0.5, 0.7]},
+        "breadcrumbs_ties": {"density": [0.8, 0.9], "lambda": [0.5, 1.0]},
+        "model_stock": {},
+    },
+    "small": {
+        "linear": {},
+        "task_arithmetic": {"lambda": [0.3, 0.5, 1.0]},
+        "ties": {"density": [0.2, 0.5], "lambda": [0.7, 1.0]},
+        "dare_linear": {"density": [0.5], "lambda": [0.3, 0.5]},
+        "dare_ties": {"density": [0.5], "lambda": [0.7, 1.0]},
+        "breadcrumbs": {"density": [0.9], "lambda": [0.3, 0.5]},
+        "breadcrumbs_ties": {"density": [0.9], "lambda": [0.7, 1.0]},
+        "model_stock": {},
+    },
+}
+CURVE_METHODS = ("linear", "task_arithmetic", "ties")
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Experiment:
+    """One comparison: a suite, a track, an expert kind, where the zoo is and where records go."""
+
+    suite: str
+    track: str
+    kind: str = "full"
+    zoo: Path = field(default_factory=lambda: default_cache() / "zoo")
+    results: Path = Path("results")
+    val_limit: int | None = None  # examples per task on validation (sweeps)
+    test_limit: int | None = None  # examples per task on test
+    seed: int = 0  # DARE's seed
+    log: Log = print
+
+    def __post_init__(self) -> None:
+        self.zoo, self.results = Path(self.zoo), Path(self.results)
+        self.s = get_suite(self.suite)
+        self.experts = list_experts(self.zoo, self.track, self.kind)
+        missing = [t for t in self.s.held_in if t not in self.experts]
+        if missing:
+            raise TaskError(f"the zoo has no {self.track}/{self.kind} expert for {', '.join(missing)}",
+                            hint=f"moerge zoo build {self.suite} --track {self.track} --kind {self.kind}")
+        self.full_experts = list_experts(self.zoo, self.track, "full")
+        self.work = default_cache() / "merges"
+        self._normalisers: dict[str, dict[str, float | None]] = {}
+
+    # -- scoring -------------------------------------------------------------------------------
+    def evaluator(self, split: str, heads: Path | None = None) -> Evaluator:
+        limit = self.val_limit if split == "validation" else self.test_limit
+        return Evaluator(EvalSettings(self.suite, self.track, split, limit),
+                         heads=heads if heads is not None else self.zoo / self.track / self.kind)
+
+    def normaliser(self, split: str, task: str) -> float | None:
+        """A task's accuracy under its own fine-tuned expert (held-in: the merged kind's expert; held-out:
+        the full fine-tuned expert, which is never merged)."""
+        cache = self._normalisers.setdefault(split, {})
+        if task not in cache:
+            kind = self.kind if task in self.s.held_in else "full"
+            if kind == "full" and task not in self.full_experts:
+                return None
+            folder = expert_dir(self.zoo, self.track, kind, task)
+            cache[task] = self.evaluator(split, self.zoo / self.track / kind).score(folder, [task])[task]
+        return cache[task]
+
+    def record(self, name: str, role: str, folder: Path, split: str, tasks: list[str] | None = None,
+               probe_only: bool = False, heads: Path | None = None, **extra: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tasks = tasks or list(self.s.tasks)
+        acc = self.evaluator(split, heads).score(folder, tasks, probe_only=probe_only)
+        norm_by = {t: self.normaliser(split, t) for t in tasks}
+        normalized = {t: acc[t] / norm_by[t] for t in tasks if norm_by[t]}
+        held_in = [t for t in tasks if t in self.s.held_in]
+        held_out = [t for t in tasks if t in self.s.held_out]
+        rec = {
+            "name": name, "role": role, "suite": self.suite, "track": self.track, "kind": self.kind,
+            "split": split, "limit": self.val_limit if split == "validation" else self.test_limit,
+            "accuracy": acc, "normalized": normalized,
+            "held_in": _mean([acc[t] for t in held_in]), "held_out": _mean([acc[t] for t in held_out]),
+            "held_in_norm": _mean([normalized[t] for t in held_in if t in normalized]),
+            "held_out_norm": _mean([normalized[t] for t in held_out if t in normalized]),
+            "eval_seconds": round(time.perf_counter() - t0, 1), **extra,
+        }
+        self._save(rec)
+        return rec
+
+    def _save(self, rec: dict[str, Any]) -> None:
+        folder = self.results / "records"
+        folder.mkdir(parents=True, exist_ok=True)
+        key = json.dumps([rec["name"], rec["role"], rec["split"], rec.get("params"), rec.get("experts"),
+                          rec["track"], rec["kind"]], sort_keys=True)
+        path = folder / f"{rec['track']}-{rec['kind']}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}.json"
+        path.write_text(json.dumps(rec, indent=1, sort_keys=True))
+
+    # -- merging -------------------------------------------------------------------------------
+    def recipe(self, method: str, params: dict[str, Any], experts: list[str]) -> dict[str, Any]:
+        return {"method": method, "base_model": str(pretrained_dir(self.zoo, self.track)),
+                "models": [str(expert_dir(self.zoo, self.track, self.kind, t)) for t in experts],
+                "parameters": dict(params), "seed": self.seed}
+
+    def merge(self, recipe: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        """Run ``moerge merge`` in its own process; returns (output, wall seconds and peak RSS of that process)."""
+        import yaml
+
+        key = hashlib.blake2b(json.dumps(recipe, sort_keys=True).encode(), digest_size=8).hexdigest()
+        out = self.work / key
+        self.work.mkdir(parents=True, exist_ok=True)
+        rpath = self.work / f"{key}.yaml"
+        rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "moerge", "merge", str(rpath), str(out), "--quiet", "--force"],
+                                stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        err = proc.stderr.read() if proc.stderr else ""
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise RuntimeError(f"merge failed ({rpath}): {err.strip()}")
+        return out, {"merge_seconds": round(wall, 2), "merge_peak_mib": round(usage.ru_maxrss / 1024, 1)}
+
+    def merged_record(self, method: str, params: dict[str, Any], experts: list[str], split: str,
+                      tasks: list[str] | None = None, role: str = "merge") -> dict[str, Any]:
+        recipe = self.recipe(method, params, experts)
+        out, cost = self.merge(recipe)
+        try:
+            return self.record(method, role, out, split, tasks, method=method, params=params, experts=experts,
+                               n_experts=len(experts), **cost)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    # -- the protocol --------------------------------------------------------------------------
+    def baselines(self) -> list[dict[str, Any]]:
+        """Pretrained, each expert, and the multitask oracle (when built), on test."""
+        recs = [self.record("pretrained", "pretrained", pretrained_dir(self.zoo, self.track), "test",
+                            probe_only=True)]
+        self.log(_line(recs[-1]))
+        for t in self.s.held_in:
+            recs.append(self.record(f"expert:{t}", "expert", expert_dir(self.zoo, self.track, self.kind, t), "test",
+                                    experts=[t]))
+            self.log(_line(recs[-1]))
+        if MULTITASK in self.experts:
+            heads = expert_dir(self.zoo, self.track, self.kind, MULTITASK) / "heads"
+            recs.append(self.record("multitask", "multitask", expert_dir(self.zoo, self.track, self.kind, MULTITASK),
+                                    "test", heads=heads if self.track == "encoder" else None))
+            self.log(_line(recs[-1]))
+        return recs
+
+    def sweep(self, method: str, grid: dict[str, list[Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Every grid point on held-in validation; the best by mean normalised accuracy (first on ties)."""
+        points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
+        recs = []
+        for params in points:
+            recs.append(self.merged_record(method, params, list(self.s.held_in), "validation",
+                                           list(self.s.held_in), role="sweep"))
+            self.log(_line(recs[-1]))
+        best = max(recs, key=lambda r: r["held_in_norm"])
+        return best["params"], recs
+
+    def compare(self, methods: list[str] | None = None, grid: str = "full", curve: bool = True) -> list[dict[str, Any]]:
+        grids = GRIDS[grid]
+        methods = methods or list(grids)
+        out = self.baselines()
+        chosen = {}
+        for m in methods:
+            params, _ = self.sweep(m, grids.get(m, {}))
+            chosen[m] = params
+            out.append(self.merged_record(m, params, list(self.s.held_in), "test"))
+            self.log("test " + _line(out[-1]))
+        if curve:
+            out += self.expert_curve({m: chosen[m] for m in CURVE_METHODS if m in chosen})
+        return out
+
+    def expert_curve(self, methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each method (at its chosen values) on every subset of 2 … N−1 held-in experts; test split,
+        scored on the subset's held-in tasks and every held-out task."""
+        recs = []
+        held_in = list(self.s.held_in)
+        for k in range(2, len(held_in)):
+            for subset in itertools.combinations(held_in, k):
+                for m, params in methods.items():
+                    recs.append(self.merged_record(m, params, list(subset), "test",
+                                                   list(subset) + list(self.s.held_out), role="curve"))
+                    self.log("curve " + _line(recs[-1]))
+        return recs
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(x: float | None) -> str:
+    return "  -  " if x is None else f"{x:.3f}"
+
+
+def _line(r: dict[str, Any]) -> str:
+    p = ",".join(f"{k}={v}" for k, v in (r.get("params") or {}).items())
+    cost = f" merge {r['merge_seconds']:.1f}s {r['merge_peak_mib']:.0f}MiB" if "merge_seconds" in r else ""
+    return (f"{r['split']:<10} {r['name']:<22} {p:<22} held-in {_fmt(r['held_in'])} (norm {_fmt(r['held_in_norm'])})"
+            f"  held-out {_fmt(r['held_out'])} (norm {_fmt(r['held_out_norm'])}){cost}")
+
+
+def load_records(results: Path) -> list[dict[str, Any]]:
+    folder = Path(results) / "records"
+    if not folder.is_dir():
+        raise TaskError(f"{results}: no records folder", hint="run `moerge compare` (or `moerge eval`) first")
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]

@@ -1,0 +1,193 @@
+"""``moerge report``: a self-contained HTML page and PNG figures from a results folder's records.
+
+One section per (track, expert kind): the test table (methods × tasks, raw and
+normalised accuracy, held-in and held-out means, merge cost), the validation
+sweep that chose each method's values, and three figures: held-in vs held-out
+normalised accuracy per method, accuracy vs number of merged experts, and
+accuracy vs merge cost.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from moerge.evaluation.experiment import load_records
+from moerge.evaluation.tasks import get_suite
+
+ROLE_ORDER = {"pretrained": 0, "expert": 1, "multitask": 2, "merge": 3}
+
+
+def _f(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+
+def _params(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items())
+
+
+def test_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Test records of baselines and of the full merges, in a stable order."""
+    rows = [r for r in records if r["split"] == "test" and r["role"] in ROLE_ORDER]
+    return sorted(rows, key=lambda r: (ROLE_ORDER[r["role"]], -(r["held_in_norm"] or 0) if r["role"] == "merge"
+                                       else 0, r["name"]))
+
+
+def markdown_table(records: list[dict[str, Any]], suite: str) -> str:
+    """The test table in Markdown (for the README)."""
+    s = get_suite(suite)
+    head = ["model", "values (chosen on validation)", *s.tasks, "held-in", "held-out", "held-in norm",
+            "held-out norm", "merge s", "merge MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in test_rows(records):
+        cells = [r["name"], _params(r)] + [_f(r["accuracy"].get(t), True) for t in s.tasks]
+        cells += [_f(r["held_in"], True), _f(r["held_out"], True), _f(r["held_in_norm"]), _f(r["held_out_norm"])]
+        cells += [f"{r['merge_seconds']:.1f}" if "merge_seconds" in r else "",
+                  f"{r['merge_peak_mib']:.0f}" if "merge_peak_mib" in r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def figures(records: list[dict[str, Any]], title: str) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, bytes] = {}
+    rows = [r for r in test_rows(records) if r["held_in_norm"] is not None]
+    # 1. held-in vs held-out normalised accuracy per model
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["held_in_norm"] or 0 for r in rows], 0.4, label="held-in")
+    ax.bar([x + 0.2 for x in xs], [r["held_out_norm"] or 0 for r in rows], 0.4, label="held-out")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(list(xs), [r["name"] for r in rows], rotation=40, ha="right")
+    ax.set_ylabel("accuracy / fine-tuned expert's")
+    lo = min([r["held_in_norm"] or 1 for r in rows] + [r["held_out_norm"] or 1 for r in rows] + [1.0])
+    ax.set_ylim(max(0.0, lo - 0.1), 1.1)
+    ax.set_title(f"{title}: normalised test accuracy")
+    ax.legend(loc="lower right")
+    out["normalized"] = _png(fig)
+    plt.close(fig)
+    # 2. accuracy vs number of merged experts
+    curve: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["split"] == "test" and r["role"] in ("curve", "merge") and r.get("n_experts"):
+            curve[r["method"]][r["n_experts"]].append(r)
+    curve = {m: v for m, v in curve.items() if len(v) > 1}
+    if curve:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+        for ax, key, label in ((axes[0], "held_in_norm", "held-in"), (axes[1], "held_out_norm", "held-out")):
+            for m, by_k in sorted(curve.items()):
+                ks = sorted(by_k)
+                ys = [sum(r[key] for r in by_k[k]) / len(by_k[k]) for k in ks]
+                ax.plot(ks, ys, marker="o", label=m)
+            ax.set_xlabel("experts merged")
+            ax.set_title(label)
+            ax.set_xticks(sorted({k for v in curve.values() for k in v}))
+        axes[0].set_ylabel("normalised accuracy (mean over subsets)")
+        axes[1].legend(fontsize=8)
+        fig.suptitle(f"{title}: accuracy vs number of merged experts")
+        out["experts"] = _png(fig)
+        plt.close(fig)
+    # 3. accuracy vs merge cost
+    merges = [r for r in rows if "merge_seconds" in r]
+    if merges:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for r in merges:
+            ax.scatter(r["merge_seconds"], r["held_in_norm"], color="C0")
+            ax.scatter(r["merge_seconds"], r["held_out_norm"] or 0, color="C1", marker="s")
+            ax.annotate(r["name"], (r["merge_seconds"], r["held_in_norm"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.scatter([], [], color="C0", label="held-in")
+        ax.scatter([], [], color="C1", marker="s", label="held-out")
+        ax.set_xlabel("merge wall time (s, whole process)")
+        ax.set_ylabel("normalised test accuracy")
+        ax.set_title(f"{title}: accuracy vs merge cost")
+        ax.legend(fontsize=8)
+        out["cost"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def _html_table(records: list[dict[str, Any]], suite: str) -> str:
+    s = get_suite(suite)
+    head = ["model", "values", *[f"{t}{'*' if t in s.held_out else ''}" for t in s.tasks], "held-in", "held-out",
+            "held-in norm", "held-out norm", "merge s", "merge MiB"]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in test_rows(records):
+        cells = [r["name"], _params(r)]
+        for t in s.tasks:
+            a, n = r["accuracy"].get(t), r["normalized"].get(t)
+            cells.append(f"{_f(a, True)}<small> ({_f(n)})</small>" if n is not None else _f(a, True))
+        cells += [_f(r["held_in"], True), _f(r["held_out"], True), f"<b>{_f(r['held_in_norm'])}</b>",
+                  f"<b>{_f(r['held_out_norm'])}</b>", f"{r.get('merge_seconds', '')}", f"{r.get('merge_peak_mib', '')}"]
+        out.append("<tr>" + "".join(f"<td>{c if '<' in str(c) else html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return "\n".join(out) + "</table><p><small>* held-out task. Accuracy in %, normalised by each task's fine-tuned " \
+                            "expert in brackets.</small></p>"
+
+
+def _sweep_table(records: list[dict[str, Any]]) -> str:
+    sweeps = sorted((r for r in records if r["role"] == "sweep"), key=lambda r: (r["name"], -r["held_in_norm"]))
+    if not sweeps:
+        return ""
+    out = ["<table><tr><th>method</th><th>values</th><th>held-in validation (norm)</th><th>merge s</th></tr>"]
+    best: dict[str, float] = {}
+    for r in sweeps:
+        best.setdefault(r["name"], r["held_in_norm"])
+    for r in sweeps:
+        mark = " ✓" if r["held_in_norm"] == best[r["name"]] else ""
+        out.append(f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(_params(r))}</td>"
+                   f"<td>{_f(r['held_in_norm'])}{mark}</td><td>{r.get('merge_seconds', '')}</td></tr>")
+    return "\n".join(out) + "</table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+td:first-child,th:first-child,td:nth-child(2){text-align:left}th{background:#f3f3f3}img{max-width:100%}
+small{color:#777}h2{border-bottom:1px solid #ddd;margin-top:2em}"""
+
+
+def write_report(results: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` and one PNG per figure into ``out`` (default: the results folder)."""
+    results = Path(results)
+    out = Path(out) if out else results
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(results)
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["suite"], r["track"], r["kind"])].append(r)
+    parts = [f"<!doctype html><meta charset='utf-8'><title>moerge evaluation</title><style>{CSS}</style>",
+             "<h1>moerge: merges of fine-tuned experts, held-in and held-out</h1>",
+             "<p>Values of each method are chosen on the validation splits of the held-in tasks only; the table is "
+             "on test. Normalised accuracy = accuracy / the accuracy of the task's own fine-tuned expert.</p>"]
+    for (suite, track, kind), recs in sorted(groups.items()):
+        title = f"{suite} / {track} / {kind}"
+        s = get_suite(suite)
+        parts.append(f"<h2>{html.escape(title)}</h2><p>held-in: {', '.join(s.held_in)}; held-out: "
+                     f"{', '.join(s.held_out)}</p>")
+        parts.append(_html_table(recs, suite))
+        for name, png in figures(recs, title).items():
+            fname = f"{track}-{kind}-{name}.png"
+            (out / fname).write_bytes(png)
+            parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        sweep = _sweep_table(recs)
+        if sweep:
+            parts.append("<h3>Validation sweep (held-in tasks)</h3>" + sweep)
+        (out / f"{track}-{kind}-table.md").write_text(markdown_table(recs, suite) + "\n")
+    page = out / "report.html"
+    page.write_text("\n".join(parts))
+    return page

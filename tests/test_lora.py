@@ -1,0 +1,127 @@
+"""PEFT LoRA adapters as merge inputs: ΔW = scale·B·A expanded per tensor, checked against PEFT itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moerge.errors import CheckpointError
+from moerge.io.checkpoint import Checkpoint
+from moerge.testing import make_llama, make_lora
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    base = make_llama(root / "base", seed=0, layers=2)
+    return {"base": base,
+            "a1": make_lora(base, root / "a1", seed=1, rank=4, alpha=8),
+            "a2": make_lora(base, root / "a2", seed=2, rank=2, alpha=6, targets=("q_proj", "o_proj")),
+            "rs": make_lora(base, root / "rs", seed=3, rank=4, alpha=4, use_rslora=True)}
+
+
+def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["a1", "a2", "rs"])
+def test_adapter_reads_as_peft_merged_model(adapters: dict[str, Path], name: str) -> None:
+    ck = Checkpoint.open(adapters[name])
+    expected = _peft_merged(adapters["base"], adapters[name])
+    assert set(ck.tensor_names) == set(expected)
+    changed = 0
+    for t in ck.tensor_names:
+        got = ck.read(t).reshape(expected[t].shape).float()
+        torch.testing.assert_close(got, expected[t].float(), rtol=1e-6, atol=1e-6)
+        changed += int(not torch.equal(got, load_file(str(adapters["base"] / "model.safetensors"))[t].float()))
+    assert changed == len(ck.pairs) > 0
+
+
+def test_block_reads_match_whole_tensor(adapters: dict[str, Path]) -> None:
+    ck = Checkpoint.open(adapters["a1"])
+    name = next(iter(ck.pairs))
+    whole = ck.read(name).reshape(-1)
+    for start, count in [(0, 5), (7, 100), (31, 33), (whole.numel() - 9, 9)]:
+        torch.testing.assert_close(ck.read(name, start, count), whole[start:start + count])
+
+
+def test_merging_adapters_merges_products_not_factors(adapters: dict[str, Path], tmp_path: Path) -> None:
+    from moerge.api import merge
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: task_arithmetic\nbase_model: {adapters['base']}\nmodels:\n"
+                      f"  - model: {adapters['a1']}\n    parameters: {{weight: 1.0}}\n"
+                      f"  - model: {adapters['a2']}\n    parameters: {{weight: 1.0}}\nparameters: {{lambda: 1.0}}\n")
+    merge(recipe, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(str(adapters["base"] / "model.safetensors"))
+    a1, a2 = Checkpoint.open(adapters["a1"]), Checkpoint.open(adapters["a2"])
+    name = "model.layers.0.self_attn.q_proj.weight"  # adapted by both
+    expected = base[name] + a1.delta(name) + a2.delta(name)
+    torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)
+    # the PEFT pitfall: averaging A and B separately is not the average of the products
+    ad = load_file(str(adapters["a1"] / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    b, a = ad[f"{key}.lora_B.weight"], ad[f"{key}.lora_A.weight"]
+    assert not torch.allclose((b * 0.5) @ (a * 0.5) * 2.0, b @ a * 2.0)
+    untouched = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(out[untouched], base[untouched])
+
+
+def test_adapter_errors(adapters: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "nobase"
+    shutil.copytree(adapters["a1"], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "missing-base")
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="base model .* is not available locally"):
+        Checkpoint.open(bad)
+    cfg["base_model_name_or_path"] = str(adapters["base"])
+    cfg["use_dora"] = True
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="DoRA"):
+        Checkpoint.open(bad)
+    other = make_llama(tmp_path / "wide", seed=0, layers=2, hidden=48, heads=4)
+    cfg["use_dora"] = False
+    cfg["base_model_name_or_path"] = str(other)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not fit the base weight"):
+        Checkpoint.open(bad)
+
+
+def test_extract_lora_round_trip_and_energy(adapters: dict[str, Path], tmp_path: Path) -> None:
+    from moerge.api import merge
+    from moerge.extract import extract_lora
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: task_arithmetic\nbase_model: {adapters['base']}\n"
+                      f"models: [{adapters['a1']}, {adapters['a2']}]\nparameters: {{lambda: 0.5}}\n")
+    merge(recipe, tmp_path / "merged")
+    # q_proj carries two rank-4 and rank-2 updates: rank 6 is exact, rank 1 is not
+    full = extract_lora(tmp_path / "merged", adapters["base"], tmp_path / "lora6", rank=6)
+    assert full.discarded < 1e-9 and not full.not_representable
+    merged, back = Checkpoint.open(tmp_path / "merged"), Checkpoint.open(tmp_path / "lora6")
+    for name in merged.tensor_names:
+        torch.testing.assert_close(back.read(name).reshape(merged.info(name).shape).float(),
+                                   merged.read(name).float(), rtol=1e-5, atol=1e-5)
+    low = extract_lora(tmp_path / "merged", adapters["base"], tmp_path / "lora1", rank=1)
+    d = Checkpoint.open(tmp_path / "merged").read("model.layers.0.self_attn.q_proj.weight").double() - \
+        Checkpoint.open(adapters["base"]).read("model.layers.0.self_attn.q_proj.weight").double()
+    s = torch.linalg.svdvals(d)
+    expected = 1 - float(s[0] ** 2 / (s**2).sum())
+    assert low.tensors["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(expected, rel=1e-9)
+    assert 0 < low.discarded < 1
+    # the adapter loads in PEFT
+    assert _peft_merged(adapters["base"], tmp_path / "lora1")["model.layers.0.self_attn.q_proj.weight"].shape == d.shape

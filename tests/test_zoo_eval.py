@@ -1,0 +1,152 @@
+"""The evaluation pipeline end to end on the `tiny` suite: zoo build (resumable), merges scored
+held-in and held-out, validation-only sweeps, normalisation, the report.
+
+Tiny random models stand in for MiniLM and SmolLM2 (same code paths, seconds not hours); the
+data is the real task data, a few dozen examples per task.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from moerge.evaluation.tasks import get_suite, make_splits  # noqa: E402
+
+
+def _data_installed() -> bool:
+    try:
+        for t in get_suite("tiny").tasks:
+            make_splits(t, (2, 1, 1))
+        from moerge.evaluation.models import pretrained_path
+
+        pretrained_path("encoder")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _data_installed(), reason="evaluation data packages not installed "
+                                                                "(scripts/setup.sh installs them)")
+
+
+def _tiny_bert(path: Path) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from moerge.evaluation.models import pretrained_path
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(pretrained_path("encoder")))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _tiny_decoder(path: Path) -> Path:
+    from moerge.evaluation.tasks import get_task
+    from moerge.testing import make_bpe_tokenizer, make_llama
+
+    words = [w for t in get_suite("tiny").tasks for w in get_task(t).words]
+    texts = [" ".join(words * 50)] + [ex.text for t in get_suite("tiny").tasks for ex in make_splits(t, (24, 12, 12)).train]
+    tok = make_bpe_tokenizer(path, texts, vocab_size=600)
+    make_llama(path, vocab=len(tok), layers=1, hidden=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zooenv")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOERGE_CACHE", str(root / "cache"))
+    yield {"root": root, "bert": _tiny_bert(root / "bert"), "zoo": root / "zoo"}
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def encoder_zoo(env: dict[str, Path]) -> list[dict]:
+    from moerge.evaluation.zoo import build_zoo
+
+    return build_zoo("tiny", env["zoo"], track="encoder", kind="full", pretrained=env["bert"], examples=16,
+                     batch_size=8, epochs=1, lr=1e-3, multitask=True)
+
+
+def test_zoo_experts_have_metadata_heads_and_data_hashes(env: dict[str, Path], encoder_zoo: list[dict]) -> None:
+    names = [m["tasks"][0] if m["role"] == "expert" else "multitask" for m in encoder_zoo]
+    assert names == ["bbc", "tweets", "rotten_tomatoes", "multitask"]
+    suite = get_suite("tiny")
+    for m in encoder_zoo:
+        for t in m["tasks"]:
+            assert m["data"][t]["train"] == make_splits(t, suite.sizes).hashes["train"]
+            assert 0.0 <= m["validation"][t] <= 1.0 and 0.0 <= m["validation_pretrained"][t] <= 1.0
+        assert m["log"]["steps"] >= 2 and m["log"]["loss_finite"] and m["seconds"] > 0
+    assert (env["zoo"] / "encoder/full/bbc/head.safetensors").exists()
+    assert (env["zoo"] / "encoder/full/multitask/heads/tweets/head.safetensors").exists()
+    assert (env["zoo"] / "encoder/full/bbc/model.safetensors").exists()
+
+
+def test_zoo_build_resumes_without_retraining(env: dict[str, Path], encoder_zoo: list[dict]) -> None:
+    from moerge.evaluation.zoo import build_zoo
+
+    stamp = (env["zoo"] / "encoder/full/bbc/model.safetensors").stat().st_mtime_ns
+    (env["zoo"] / "encoder/full/tweets.partial").mkdir()  # a build interrupted earlier
+    again = build_zoo("tiny", env["zoo"], track="encoder", kind="full", examples=16, batch_size=8, epochs=1)
+    assert (env["zoo"] / "encoder/full/bbc/model.safetensors").stat().st_mtime_ns == stamp
+    assert [m["seconds"] for m in again] == [m["seconds"] for m in encoder_zoo[:3]]
+
+
+def test_compare_scores_merges_normalises_and_reports(env: dict[str, Path], encoder_zoo: list[dict]) -> None:
+    from moerge.evaluation.experiment import Experiment, load_records
+    from moerge.evaluation.report import markdown_table, write_report
+
+    results = env["root"] / "results"
+    exp = Experiment("tiny", "encoder", "full", zoo=env["zoo"], results=results, log=lambda s: None)
+    recs = exp.compare(["task_arithmetic"], grid="small", curve=False)
+    by = {(r["role"], r["name"]): r for r in recs}
+    assert {"pretrained", "expert:bbc", "expert:tweets", "multitask", "task_arithmetic"} <= \
+        {name for _, name in by}
+    ta = by[("merge", "task_arithmetic")]
+    assert ta["split"] == "test" and ta["experts"] == ["bbc", "tweets"] and ta["merge_peak_mib"] > 0
+    # normalised = accuracy / the task's own expert's accuracy on the same split
+    for t in ("bbc", "tweets"):
+        own = by[("expert", f"expert:{t}")]["accuracy"][t]
+        assert ta["normalized"][t] == pytest.approx(ta["accuracy"][t] / own)
+    assert ta["held_out"] == ta["accuracy"]["rotten_tomatoes"]
+    # the chosen λ is the best on held-in validation, and the sweep never looked at test or held-out tasks
+    all_recs = load_records(results)
+    sweep = [r for r in all_recs if r["role"] == "sweep" and r["name"] == "task_arithmetic"]
+    assert len(sweep) == 3 and all(r["split"] == "validation" and set(r["accuracy"]) == {"bbc", "tweets"}
+                                   for r in sweep)
+    chosen = next(r for r in sweep if r["params"] == ta["params"])
+    assert chosen["held_in_norm"] == max(r["held_in_norm"] for r in sweep)
+    # scores are cached by content: a second pass is instant and identical
+    again = exp.record("pretrained", "pretrained", env["zoo"] / "encoder/pretrained", "test", probe_only=True)
+    assert again["accuracy"] == by[("pretrained", "pretrained")]["accuracy"] and again["eval_seconds"] < 1.0
+    page = write_report(results)
+    text = page.read_text()
+    assert "task_arithmetic" in text and text.count("data:image/png;base64") >= 2
+    assert (results / "encoder-full-normalized.png").stat().st_size > 1000
+    assert "| task_arithmetic |" in markdown_table(all_recs, "tiny")
+
+
+def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
+    from moerge.evaluation.experiment import Experiment
+    from moerge.evaluation.zoo import build_zoo
+
+    dec = _tiny_decoder(env["root"] / "llama")
+    zoo = env["root"] / "zoo-dec"
+    kw = dict(track="decoder", pretrained=dec, examples=16, batch_size=8, epochs=1, tasks=["bbc", "tweets"])
+    build_zoo("tiny", zoo, kind="full", lr=1e-3, **kw)
+    metas = build_zoo("tiny", zoo, kind="lora", lr=1e-2, **kw)
+    assert all(m["kind"] == "lora" for m in metas)
+    adapter = zoo / "decoder/lora/bbc"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == (zoo / "decoder/pretrained").resolve()
+    exp = Experiment("tiny", "decoder", "lora", zoo=zoo, results=env["root"] / "res-dec", log=lambda s: None)
+    rec = exp.merged_record("task_arithmetic", {"lambda": 1.0}, ["bbc", "tweets"], "validation", ["bbc", "tweets"])
+    assert set(rec["accuracy"]) == {"bbc", "tweets"} and rec["held_in_norm"] is not None
