@@ -125,3 +125,19 @@ def test_extract_lora_round_trip_and_energy(adapters: dict[str, Path], tmp_path:
     assert 0 < low.discarded < 1
     # the adapter loads in PEFT
     assert _peft_merged(adapters["base"], tmp_path / "lora1")["model.layers.0.self_attn.q_proj.weight"].shape == d.shape
+
+
+def test_merge_written_as_lora_adapter(adapters: dict[str, Path], tmp_path: Path) -> None:
+    from moerge.api import merge
+
+    recipe = (f"method: task_arithmetic\nbase_model: {adapters['base']}\n"
+              f"models: [{adapters['a1']}, {adapters['a2']}]\nparameters: {{lambda: 0.5}}\n")
+    res = merge(recipe, tmp_path / "adapter", lora_rank=6)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and "0.00%" in res.notes["lora"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the full merge was removed
+    full = merge(recipe, tmp_path / "full")
+    a, f = Checkpoint.open(tmp_path / "adapter"), Checkpoint.open(full.output)
+    name = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(a.read(name).reshape(f.info(name).shape), f.read(name).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="already exists"):
+        merge(recipe, tmp_path / "adapter", lora_rank=6)

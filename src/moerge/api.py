@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moerge import __version__
+from moerge.errors import MoergeError
 from moerge.recipe import LoadedRecipe, Recipe, load_recipe
 
 
@@ -41,6 +43,7 @@ def merge(
     allow_nonfinite: bool = False,
     dry_run: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    lora_rank: int | None = None,
 ) -> MergeResult:
     """Merge the models of ``recipe`` into ``out_dir`` (a Hugging Face model directory).
 
@@ -48,7 +51,10 @@ def merge(
     or mergekit's format. The output appears atomically; an existing ``out_dir``
     is replaced only with ``force``. ``progress(tensor_name, done, total)`` is
     called after each tensor. With ``dry_run`` everything is validated and
-    planned, and nothing is written.
+    planned, and nothing is written. With ``lora_rank``, the merge is written as a
+    PEFT LoRA adapter of the base model instead (truncated SVD of each linear
+    layer's change, see :func:`moerge.extract.extract_lora`); ``notes["lora"]``
+    says how much of the change the rank cut discarded.
     """
     from moerge.execute import execute
     from moerge.io.sidefiles import CONFIG_SIDE_FILES, model_card, output_config, tokenizer_files
@@ -58,8 +64,15 @@ def merge(
     t0 = time.perf_counter()
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     plan = make_plan(loaded, allow_pickle=allow_pickle)
-    out = Path(out_dir)
+    out = final = Path(out_dir)
     size = parse_size(shard_size)
+    if lora_rank is not None:
+        if plan.base_index is None:
+            raise MoergeError(f"{plan.method.name} has no base model; a LoRA adapter needs one",
+                              hint="add base_model to the recipe, or drop --lora-rank")
+        if final.exists() and not force:
+            raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
+        out = final.parent / f".{final.name}.full-merge"
     if dry_run:
         return MergeResult(None, plan.summary(), time.perf_counter() - t0, warnings=plan.warnings)
     tensors = [(i.name, i.dtype, i.shape) for i in plan.items]
@@ -102,6 +115,17 @@ def merge(
         path = writer.commit()
     for c in plan.checkpoints:
         c.close()
+    if lora_rank is not None:
+        from moerge.extract import extract_lora
+
+        try:
+            rep = extract_lora(path, plan.checkpoints[plan.base_index].ref, final, rank=lora_rank, force=force)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        notes["lora"] = (f"rank {lora_rank}: {len(rep.tensors)} layers, {rep.discarded:.2%} of ‖ΔW‖² discarded"
+                         + (f"; {len(rep.not_representable)} changed non-linear tensors left out"
+                            if rep.not_representable else ""))
+        path = rep.output
     summary = plan.summary() | {"bytes_read": stats.bytes_read, "prepass_seconds": stats.prepass_seconds}
     return MergeResult(path, summary, time.perf_counter() - t0, notes, plan.warnings)
 

@@ -107,10 +107,12 @@ def _progress(total_label: str, quiet: bool):  # noqa: ANN202
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin inputs (loaded with weights_only=True).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input holds NaN or Inf.")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and plan the merge; write nothing.")
+@click.option("--lora-rank", type=int, default=None,
+              help="Write the merge as a PEFT LoRA adapter of the base at this rank (truncated SVD per layer).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size: str, device: str,
-          allow_pickle: bool, allow_nonfinite: bool, dry_run: bool, quiet: bool) -> None:
+          allow_pickle: bool, allow_nonfinite: bool, dry_run: bool, lora_rank: int | None, quiet: bool) -> None:
     """Merge the models named in RECIPE into OUT_DIR.
 
     \b
@@ -118,6 +120,8 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
     index, config.json and tokenizer files from the base model, moerge_recipe.yaml
     and a model card. It appears only when complete. Every tensor is validated
     (presence, shape, dtype, parameters) before anything is written.
+    Models may be PEFT LoRA adapter folders (read as base + scale·B·A); with
+    --lora-rank the result is written back as a LoRA adapter instead.
     """
 
     def body() -> None:
@@ -129,7 +133,7 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
         try:
             res = do_merge(recipe, out_dir, force=force, shard_size=shard_size, device=device,
                            allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
-                           progress=update)
+                           progress=update, lora_rank=lora_rank)
         finally:
             if bar is not None:
                 bar.stop()
