@@ -50,13 +50,11 @@ def _tiny_bert(path: Path) -> Path:
 
 def _tiny_decoder(path: Path) -> Path:
     from moerge.evaluation.tasks import get_task
-    from moerge.testing import make_bpe_tokenizer, make_llama
+    from moerge.testing import make_word_llama
 
     words = [w for t in get_suite("tiny").tasks for w in get_task(t).words]
-    texts = [" ".join(words * 50)] + [ex.text for t in get_suite("tiny").tasks for ex in make_splits(t, (24, 12, 12)).train]
-    tok = make_bpe_tokenizer(path, texts, vocab_size=600)
-    make_llama(path, vocab=len(tok), layers=1, hidden=32)
-    return path
+    texts = [ex.text for t in get_suite("tiny").tasks for ex in make_splits(t, (24, 12, 12)).train]
+    return make_word_llama(path, words, texts)
 
 
 @pytest.fixture(scope="module")

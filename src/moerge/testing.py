@@ -176,3 +176,14 @@ def make_lora(base: str | Path, dst: str | Path, *, seed: int = 0, rank: int = 4
     cfg["base_model_name_or_path"] = str(Path(base).resolve())
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return Path(dst)
+
+
+def make_word_llama(path: str | Path, words: list[str], texts: list[str], *, seed: int = 0, layers: int = 1,
+                    hidden: int = 32) -> Path:
+    """A tiny random Llama with a BPE tokenizer in which every word of ``words`` is one token
+    (for label-word scoring and statistics tests without a real model)."""
+    tok = make_bpe_tokenizer(path, [" ".join(words * 50), *texts], vocab_size=600)
+    for w in words:
+        if len(tok(w, add_special_tokens=False)["input_ids"]) != 1:
+            raise ValueError(f"label word {w!r} is not one token; add it to the texts more often")
+    return make_llama(path, seed=seed, vocab=len(tok), layers=layers, hidden=hidden)

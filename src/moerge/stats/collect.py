@@ -1,0 +1,292 @@
+"""``moerge stats``: per-expert statistics for data-aware merges, computed once and saved as files.
+
+* ``gram``   — for every linear layer, the Gram matrix of its inputs, ``G = XᵀX / rows`` over every
+  non-padding token of the examples (RegMean, MaTS with the RegMean objective).
+* ``fisher`` — the diagonal Fisher of every parameter, ``F = (1/N) Σₙ E_y[(∇θ log p(y|xₙ))²]``:
+  ``empirical`` (y = the true label) or ``true`` (the exact expectation over the task's labels under the
+  model's own label distribution). Computed one example at a time, so it is the real per-example
+  Fisher, not the square of a batch gradient (Fisher merging).
+* ``kfac``   — for every linear layer the two K-FAC factors of its Fisher block: the input Gram
+  ``A = E[x xᵀ]`` and the output-gradient Gram ``S = E[g gᵀ]`` (g = ∂log p(y|x)/∂output per token),
+  one example at a time (MaTS with the blockwise Fisher).
+
+Statistics accumulate on the fly in float32 (never the activations of all layers); the result is a
+sharded safetensors folder written atomically by moerge's writer, with ``moerge_stats.json`` saying
+what produced it: the model's content hash, the data's content hash, the number of examples and
+tokens, the estimator and every setting. Tensor names are the model's weight names (``gram``,
+``fisher``) or ``<weight>::in`` / ``<weight>::out`` (``kfac``), so the engine can stream them next
+to the weights.
+
+Losses: decoder track, the log-probability of the label word after the task's prompt (over the whole
+vocabulary; ``true`` takes the expectation over the label words, renormalised); encoder track, the
+task head's log-softmax (the head is read from ``head.safetensors`` in the model folder).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.errors import MoergeError
+
+KINDS = ("gram", "fisher", "kfac")
+STATS_META = "moerge_stats.json"
+
+
+class StatsError(MoergeError):
+    """Statistics that cannot be computed or do not fit the model."""
+
+
+@dataclass(frozen=True)
+class StatsSettings:
+    kind: str
+    examples: int = 256
+    batch_size: int = 8  # gram only; fisher and kfac go one example at a time
+    max_length: int = 64
+    estimator: str = "empirical"  # fisher/kfac: empirical | true
+    seed: int = 0
+
+
+def _linear_modules(model: Any, names: set[str]) -> dict[str, torch.nn.Linear]:
+    """Linear layers whose weight is a tensor of the checkpoint (tied copies are skipped)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
+
+
+class _Batch:
+    """The prompts of one batch, tokenised (left-padded), and what a loss needs."""
+
+    def __init__(self, model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], max_length: int):
+        self.track = track
+        device = next(model.parameters()).device
+        if track == "decoder":
+            from moerge.evaluation.scoring import left_padded
+
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+            seqs = [list(tok(task.render(t) if task else t)["input_ids"])[-(max_length - 1):] for t in texts]
+            self.inputs = left_padded(seqs, pad, device)
+        else:
+            enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            self.inputs = {k: v.to(device) for k, v in enc.items()}
+        self.mask = self.inputs["attention_mask"].bool()
+
+
+def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSettings, *, track: str,
+                  task: str | None = None, texts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
+                  force: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Compute ``settings.kind`` statistics of one model over a task's train split (or given texts)."""
+    from moerge.evaluation.evaluate import files_hash, load_model
+    from moerge.evaluation.tasks import Example, content_hash, get_task, make_splits
+    from moerge.io.checkpoint import Checkpoint
+    from moerge.io.writer import ModelWriter
+
+    if settings.kind not in KINDS:
+        from moerge.errors import did_you_mean
+
+        raise StatsError(f"unknown statistic {settings.kind!r}{did_you_mean(settings.kind, KINDS)}",
+                         hint="one of: " + ", ".join(KINDS))
+    if settings.estimator not in ("empirical", "true"):
+        raise StatsError(f"unknown estimator {settings.estimator!r}", hint="empirical or true")
+    model_dir, out = Path(model_dir), Path(out)
+    if out.exists() and not force:
+        raise StatsError(f"{out} already exists", hint="pass --force to replace it")
+    t = get_task(task) if task else None
+    if texts is None:
+        if t is None:
+            raise StatsError("statistics need data: a task name or texts")
+        from moerge.evaluation.tasks import get_suite
+
+        sizes = next((s.sizes for s in (get_suite("text"),) if t.name in s.tasks), (1000, 200, 400))
+        train = make_splits(t, sizes).train[: settings.examples]
+        texts, labels = [e.text for e in train], [e.label for e in train]
+    texts = list(texts)[: settings.examples]
+    labels = list(labels)[: settings.examples] if labels is not None else None
+    if settings.kind != "gram" and (labels is None or t is None):
+        raise StatsError(f"{settings.kind} needs labelled examples of a task (a loss to differentiate)")
+    data_hash = content_hash([Example(x, y) for x, y in zip(texts, labels or [0] * len(texts))])
+
+    names = set(Checkpoint.open(model_dir).tensor_names)
+    model, tok = load_model(model_dir, track)
+    head = None
+    if track == "encoder" and settings.kind != "gram":
+        from moerge.evaluation.encoder import load_head
+
+        if not (model_dir / "head.safetensors").exists():
+            raise StatsError(f"{model_dir}: no head.safetensors; encoder Fisher statistics need the task's head")
+        head = load_head(model_dir / "head.safetensors")
+    label_tokens = None
+    if track == "decoder" and t is not None:
+        from moerge.evaluation.scoring import label_ids
+
+        label_tokens = [ids[0] for ids in label_ids(tok, t.words)]
+    t0 = time.perf_counter()
+    if settings.kind == "gram":
+        acc, rows = _gram(model, tok, track, t, texts, settings, names, progress)
+    elif settings.kind == "fisher":
+        acc, rows = _fisher(model, tok, track, t, texts, labels, settings, names, head, label_tokens, progress)
+    else:
+        acc, rows = _kfac(model, tok, track, t, texts, labels, settings, names, head, label_tokens, progress)
+    seconds = time.perf_counter() - t0
+    tensors = [(n, "float32", tuple(v.shape)) for n, v in acc.items()]
+    meta = {
+        "kind": settings.kind, "estimator": settings.estimator if settings.kind != "gram" else None,
+        "model": str(model_dir.resolve()), "model_hash": files_hash(model_dir), "track": track,
+        "task": t.name if t else None, "data_hash": data_hash, "examples": len(texts), "rows": rows,
+        "settings": settings.__dict__, "seconds": round(seconds, 1), "tensors": len(tensors),
+    }
+    with ModelWriter(out, tensors, force=force, metadata={"format": "pt", "moerge_stats": settings.kind}) as w:
+        for n, v in acc.items():
+            w.write(n, v.contiguous())
+        w.write_text(STATS_META, json.dumps(meta, indent=1))
+        w.commit()
+    return meta
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The non-padding token rows of a [batch, seq, d] activation (a layer that sees only the last
+    positions, like an LM head under ``logits_to_keep``, gets the mask's last columns)."""
+    if x.dim() != 3:
+        return x.reshape(-1, x.shape[-1])
+    return x[mask[:, -x.shape[1]:]]
+
+
+def _examples_in_batches(n: int, size: int) -> list[range]:
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _gram(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], s: StatsSettings, names: set[str],
+          progress: Callable[[int, int], None] | None) -> tuple[dict[str, torch.Tensor], int]:
+    mods = _linear_modules(model, names)
+    acc = {f"{n}.weight": torch.zeros(m.in_features, m.in_features) for n, m in mods.items()}
+    rows = {k: 0 for k in acc}
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = _rows(inputs[0].detach().float(), state["mask"])
+            acc[name].addmm_(x.T.cpu(), x.cpu())
+            rows[name] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in mods.items()]
+    try:
+        model.eval()
+        batches = _examples_in_batches(len(texts), s.batch_size)
+        with torch.no_grad():
+            for k, idx in enumerate(batches):
+                b = _Batch(model, tok, track, task, [texts[i] for i in idx], s.max_length)
+                state["mask"] = b.mask
+                model(**b.inputs)
+                if progress:
+                    progress(k + 1, len(batches))
+    finally:
+        for h in handles:
+            h.remove()
+    for k in acc:
+        acc[k] /= max(1, rows[k])
+    return acc, max(rows.values(), default=0)
+
+
+def _log_probs(model: Any, b: _Batch, head: Any, label_tokens: list[int] | None) -> torch.Tensor:
+    """log p(y | x) over the task's labels for one example: [n_labels] (decoder: over the whole vocabulary,
+    read at the label words)."""
+    if b.track == "decoder":
+        logits = model(**b.inputs, logits_to_keep=1).logits[0, -1].float()
+        return torch.log_softmax(logits, -1)[label_tokens]
+    hidden = model(**b.inputs).last_hidden_state
+    m = b.inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    return torch.log_softmax(head(pooled)[0].float(), -1)
+
+
+def _label_weights(logp: torch.Tensor, label: int, estimator: str) -> list[tuple[int, float]]:
+    """(label, weight) pairs whose weighted squared gradients make one example's Fisher."""
+    if estimator == "empirical":
+        return [(label, 1.0)]
+    p = torch.softmax(logp.detach(), -1)  # the model's distribution over the task's labels
+    return [(y, float(p[y])) for y in range(len(p))]
+
+
+def _fisher(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], labels: Sequence[int],
+            s: StatsSettings, names: set[str], head: Any, label_tokens: list[int] | None,
+            progress: Callable[[int, int], None] | None) -> tuple[dict[str, torch.Tensor], int]:
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    model.eval()
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        b = _Batch(model, tok, track, task, [text], s.max_length)
+        logp = _log_probs(model, b, head, label_tokens)
+        pairs = _label_weights(logp, label, s.estimator)
+        for j, (y, w) in enumerate(pairs):
+            grads = torch.autograd.grad(logp[y], list(params.values()), retain_graph=j < len(pairs) - 1,
+                                        allow_unused=True)
+            for (n, _), g in zip(params.items(), grads):
+                if g is not None:
+                    acc[n].add_(g.float().square(), alpha=w)
+        if progress:
+            progress(i + 1, len(texts))
+    for v in acc.values():
+        v /= max(1, len(texts))
+    return acc, len(texts)
+
+
+def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], labels: Sequence[int],
+          s: StatsSettings, names: set[str], head: Any, label_tokens: list[int] | None,
+          progress: Callable[[int, int], None] | None) -> tuple[dict[str, torch.Tensor], int]:
+    mods = _linear_modules(model, names)
+    acc: dict[str, torch.Tensor] = {}
+    for n, m in mods.items():
+        acc[f"{n}.weight::in"] = torch.zeros(m.in_features, m.in_features)
+        acc[f"{n}.weight::out"] = torch.zeros(m.out_features, m.out_features)
+    saved: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def fwd(name: str) -> Callable[..., Any]:
+        def fn(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            saved[name] = _rows(inputs[0].detach().float(), state["mask"])
+            if output.requires_grad:  # keep a handle on the output to read its gradient
+                output.register_hook(lambda g, _n=name: state["grads"].__setitem__(_n, g.detach().float()))
+        return fn
+
+    handles = [m.register_forward_hook(fwd(f"{n}.weight")) for n, m in mods.items()]
+    tokens = 0
+    try:
+        model.eval()
+        for i, (text, label) in enumerate(zip(texts, labels)):
+            b = _Batch(model, tok, track, task, [text], s.max_length)
+            state["mask"] = b.mask
+            with torch.enable_grad():
+                emb = model.get_input_embeddings()
+                emb.weight.requires_grad_(True)  # a leaf that needs grad, so every layer's output does
+                logp = _log_probs(model, b, head, label_tokens)
+                pairs = _label_weights(logp, label, s.estimator)
+                for name, x in saved.items():
+                    acc[f"{name}::in"].addmm_(x.T, x)
+                tokens += int(b.mask.sum())
+                for j, (y, w) in enumerate(pairs):
+                    state["grads"] = {}
+                    logp[y].backward(retain_graph=j < len(pairs) - 1)
+                    for name, g in state["grads"].items():
+                        g = _rows(g, state["mask"])
+                        acc[f"{name}::out"].addmm_(g.T, g, alpha=w)
+                emb.weight.requires_grad_(False)
+                emb.weight.grad = None
+            if progress:
+                progress(i + 1, len(texts))
+    finally:
+        for h in handles:
+            h.remove()
+    for k in acc:
+        acc[k] /= max(1, tokens) if k.endswith("::in") else max(1, len(texts))
+    return acc, tokens
+
