@@ -36,11 +36,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from moerge.measure import run_measured
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -157,53 +158,9 @@ def recipe_inputs(r: dict) -> list[Path]:
 # ------------------------------------------------------------------------------------------- measuring
 
 
-# A tiny launcher starts each measured command. A child's peak RSS (ru_maxrss) starts from the RSS of the
-# process that forked it (the kernel carries the pre-exec high-water mark over), so forking straight from
-# this harness, which holds torch and compared tensors, would inflate every figure; the launcher is ~10 MiB.
-# ru_maxrss also counts file-backed pages, e.g. every touched page of mmapped inputs (mergekit), which the
-# kernel can drop at will; a thread therefore also samples the child's RssAnon every 20 ms (its peak is
-# the memory the process really needs; sampled, so it may miss a peak shorter than that).
-LAUNCHER = """
-import json, os, sys, threading, time
-result, cmd = sys.argv[1], sys.argv[2:]
-peak_anon, done = [0], threading.Event()
-
-def sample(pid):
-    while not done.wait(0.02):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                kib = next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon:"))
-            peak_anon[0] = max(peak_anon[0], kib)
-        except (OSError, StopIteration, ValueError):
-            pass
-
-t0 = time.perf_counter()
-pid = os.posix_spawnp(cmd[0], cmd, os.environ)
-threading.Thread(target=sample, args=(pid,), daemon=True).start()
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-done.set()
-with open(result, "w") as f:
-    json.dump({"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024,
-               "anon_mib": peak_anon[0] / 1024, "rc": os.waitstatus_to_exitcode(status)}, f)
-"""
-
-
 def measure(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> dict:
-    """Run one child to completion: wall time around it, CPU (user+sys) and peak RSS from its rusage
-    (which covers the child and every descendant it waited for)."""
-    result = Path(tempfile.gettempdir()) / f"merge_speed-{os.getpid()}.json"
-    out = open(log, "wb") if log else subprocess.DEVNULL
-    try:
-        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(result), *cmd],
-                       stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=ENV, check=True)
-        rec = json.loads(result.read_text())
-    finally:
-        if log:
-            out.close()
-        result.unlink(missing_ok=True)
-    rec["cpu"] = rec["user"] + rec["sys"]
-    return rec
+    """One child run to completion through moerge's small launcher: wall, CPU, peak RSS and RssAnon."""
+    return run_measured(cmd, log=log, cwd=cwd, env=ENV)
 
 
 def warm(files: list[Path]) -> None:

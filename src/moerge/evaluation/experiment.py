@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from moerge.evaluation.evaluate import EvalSettings, Evaluator
 from moerge.evaluation.models import default_cache
 from moerge.evaluation.tasks import TaskError, get_suite
 from moerge.evaluation.zoo import MULTITASK, expert_dir, list_experts, pretrained_dir
+from moerge.measure import run_measured
 
 # data-free methods of the engine and the values tried on validation (slerp takes one model: not in a
 # many-expert comparison; passthrough does not merge)
@@ -144,7 +143,8 @@ class Experiment:
                 "parameters": dict(params), "seed": self.seed}
 
     def merge(self, recipe: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-        """Run ``moerge merge`` in its own process; returns (output, wall seconds and peak RSS of that process)."""
+        """Run ``moerge merge`` in its own process; returns (output, its wall time, CPU time, peak RSS and peak
+        anonymous memory, measured by :mod:`moerge.measure`)."""
         import yaml
 
         key = hashlib.blake2b(json.dumps(recipe, sort_keys=True).encode(), digest_size=8).hexdigest()
@@ -153,16 +153,15 @@ class Experiment:
         rpath = self.work / f"{key}.yaml"
         rpath.write_text(yaml.safe_dump(recipe, sort_keys=False))
         shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "moerge", "merge", str(rpath), str(out), "--quiet", "--force"],
-                                stderr=subprocess.PIPE, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        err = proc.stderr.read() if proc.stderr else ""
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
-            raise RuntimeError(f"merge failed ({rpath}): {err.strip()}")
-        return out, {"merge_seconds": round(wall, 2), "merge_peak_mib": round(usage.ru_maxrss / 1024, 1)}
+        log = self.work / f"{key}.log"
+        rec = run_measured([sys.executable, "-m", "moerge", "merge", str(rpath), str(out), "--quiet", "--force"],
+                           log=log)
+        if rec["rc"]:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"merge failed ({rpath}): {' '.join(tail)}")
+        log.unlink(missing_ok=True)
+        return out, {"merge_seconds": round(rec["wall"], 2), "merge_cpu_seconds": round(rec["cpu"], 2),
+                     "merge_peak_mib": round(rec["rss_mib"], 1), "merge_anon_mib": round(rec["anon_mib"], 1)}
 
     def merged_record(self, method: str, params: dict[str, Any], experts: list[str], split: str,
                       tasks: list[str] | None = None, role: str = "merge") -> dict[str, Any]:
