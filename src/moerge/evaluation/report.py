@@ -76,10 +76,10 @@ def figures(records: list[dict[str, Any]], title: str) -> dict[str, bytes]:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(list(xs), [r["name"] for r in rows], rotation=40, ha="right")
     ax.set_ylabel("accuracy / fine-tuned expert's")
-    lo = min([r["held_in_norm"] or 1 for r in rows] + [r["held_out_norm"] or 1 for r in rows] + [1.0])
-    ax.set_ylim(max(0.0, lo - 0.1), 1.1)
+    values = [r["held_in_norm"] or 1 for r in rows] + [r["held_out_norm"] or 1 for r in rows] + [1.0]
+    ax.set_ylim(max(0.0, min(values) - 0.1), max(values) + 0.12)
     ax.set_title(f"{title}: normalised test accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", ncol=2, fontsize=8)
     out["normalized"] = _png(fig)
     plt.close(fig)
     # 2. accuracy vs number of merged experts
@@ -100,7 +100,7 @@ def figures(records: list[dict[str, Any]], title: str) -> dict[str, bytes]:
             ax.set_xticks(sorted({k for v in curve.values() for k in v}))
         axes[0].set_ylabel("normalised accuracy (mean over subsets)")
         axes[1].legend(fontsize=8)
-        fig.suptitle(f"{title}: accuracy vs number of merged experts")
+        fig.suptitle(f"{title}: accuracy vs number of merged experts", y=1.04)
         out["experts"] = _png(fig)
         plt.close(fig)
     # 3. accuracy vs merge cost
