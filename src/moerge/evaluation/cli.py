@@ -21,8 +21,14 @@ def _zoo_dir(zoo: str | None) -> Path:
 
 
 def _runner(ctx: click.Context, fn: Any) -> Any:
+    import os
+
     from moerge.cli import _run
 
+    # offline, and quiet: our own progress bars and tables, not the libraries' (read when they are imported)
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(key, value)
     return _run(ctx, fn)
 
 
