@@ -19,7 +19,7 @@ from typing import Any
 from moerge.evaluation.experiment import load_records
 from moerge.evaluation.tasks import get_suite
 
-ROLE_ORDER = {"pretrained": 0, "expert": 1, "multitask": 2, "merge": 3}
+ROLE_ORDER = {"pretrained": 0, "expert": 1, "multitask": 2, "merge": 3, "model": 4}  # "model": `moerge eval` of a folder
 
 
 def _f(x: float | None, pct: bool = False) -> str:
