@@ -58,14 +58,20 @@ def _splits(task: str, sizes: tuple[int, int, int], seed: int) -> Splits:
 
 def files_hash(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "adapter_config.json",
                                                           "config.json")) -> str:
-    """blake2b of the weight files of a folder (names and bytes), 16 hex digits."""
+    """blake2b of the weight files of a folder (names and bytes), 16 hex digits; each file state is
+    hashed once per process (a model scored on many tasks is not re-read for each)."""
+    files = [f for pattern in patterns for f in sorted(folder.glob(pattern))]
+    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=256)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.blake2b(digest_size=8)
-    for pattern in patterns:
-        for f in sorted(folder.glob(pattern)):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
+    for name, _, _ in files:
+        h.update(Path(name).name.encode())
+        with open(name, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()
 
 

@@ -106,17 +106,27 @@ def train_decoder(model: Any, tok: Any, tasks: dict[str, Task], data: dict[str, 
         model = _lora(model, "decoder", cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    batches = _batches(data, cfg)
-    sched = _schedule(opt, len(batches), cfg.warmup)
     label_token = {name: [ids[0] for ids in label_ids(tok, t.words)] for name, t in tasks.items()}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
     device = next(model.parameters()).device
+
+    def loss_of(name: str, batch: list[Example]) -> torch.Tensor:
+        seqs = [list(tok(tasks[name].render(ex.text))["input_ids"])[-(cfg.max_length - 1):] for ex in batch]
+        target = torch.tensor([label_token[name][ex.label] for ex in batch], device=device)
+        return torch.nn.functional.cross_entropy(last_logits(model, seqs, pad, device), target)
+
+    return model, _fit(model, opt, params, _batches(data, cfg), loss_of, cfg, progress)
+
+
+def _fit(model: Any, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+         batches: list[tuple[str, list[Example]]], loss_of: Callable[[str, list[Example]], torch.Tensor],
+         cfg: TrainConfig, progress: Progress | None) -> dict[str, Any]:
+    """The training loop both tracks share: warm-up then linear decay, gradient clipping at 1; the log."""
+    sched = _schedule(opt, len(batches), cfg.warmup)
     model.train()
     t0, losses = time.perf_counter(), []
     for step, (name, batch) in enumerate(batches):
-        seqs = [list(tok(tasks[name].render(ex.text))["input_ids"])[-(cfg.max_length - 1):] for ex in batch]
-        target = torch.tensor([label_token[name][ex.label] for ex in batch], device=device)
-        loss = torch.nn.functional.cross_entropy(last_logits(model, seqs, pad, device), target)
+        loss = loss_of(name, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -126,7 +136,7 @@ def train_decoder(model: Any, tok: Any, tasks: dict[str, Task], data: dict[str, 
         if progress:
             progress(step + 1, len(batches), _smooth(losses))
     model.eval()
-    return model, _log(losses, batches, time.perf_counter() - t0)
+    return _log(losses, batches, time.perf_counter() - t0)
 
 
 def _smooth(losses: Sequence[float], k: int = 20) -> float:
@@ -158,21 +168,10 @@ def train_encoder(model: Any, tok: Any, heads: dict[str, torch.nn.Linear], data:
     head_params = [p for h in heads.values() for p in h.parameters()]
     opt = torch.optim.AdamW([{"params": enc_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
                             weight_decay=0.01)
-    batches = _batches(data, cfg)
-    sched = _schedule(opt, len(batches), cfg.warmup)
-    model.train()
-    t0, losses = time.perf_counter(), []
-    for step, (name, batch) in enumerate(batches):
+
+    def loss_of(name: str, batch: list[Example]) -> torch.Tensor:
         feats = pooled(model, tok, [ex.text for ex in batch], cfg.max_length)
         target = torch.tensor([ex.label for ex in batch], device=feats.device)
-        loss = torch.nn.functional.cross_entropy(heads[name](feats), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(enc_params + head_params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress:
-            progress(step + 1, len(batches), _smooth(losses))
-    model.eval()
-    return model, _log(losses, batches, time.perf_counter() - t0)
+        return torch.nn.functional.cross_entropy(heads[name](feats), target)
+
+    return model, _fit(model, opt, enc_params + head_params, _batches(data, cfg), loss_of, cfg, progress)

@@ -120,7 +120,7 @@ class Checkpoint:
         if path.is_dir() and (path / "adapter_config.json").is_file():
             from moerge.io.lora import LoraCheckpoint
 
-            return LoraCheckpoint(str(ref), path, allow_pickle=allow_pickle)  # type: ignore[return-value]
+            return LoraCheckpoint(str(ref), path, allow_pickle=allow_pickle)
         if path.is_file():
             if path.suffix == ".safetensors":
                 return cls._from_safetensors(str(ref), root, [path])

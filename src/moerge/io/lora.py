@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moerge.errors import CheckpointError
+from moerge.io.checkpoint import Checkpoint, TensorInfo, resolve_reference
 from moerge.io.safetensors_format import SafetensorsReader, TensorEntry
 
 if TYPE_CHECKING:
     import torch
-
-    from moerge.io.checkpoint import Checkpoint, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -51,13 +50,10 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-class LoraCheckpoint:
-    """Same interface as :class:`moerge.io.checkpoint.Checkpoint`, for a PEFT LoRA adapter folder."""
+class LoraCheckpoint(Checkpoint):
+    """A :class:`moerge.io.checkpoint.Checkpoint` for a PEFT LoRA adapter folder."""
 
     def __init__(self, ref: str, folder: Path, *, allow_pickle: bool = False):
-        from moerge.io.checkpoint import Checkpoint, TensorInfo, resolve_reference
-
-        self.ref = ref
         cfg_path = folder / ADAPTER_CONFIG
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -84,7 +80,6 @@ class LoraCheckpoint:
                                   hint=e.hint) from None
         self.base: Checkpoint = Checkpoint.open(base_path, allow_pickle=allow_pickle)
         self.adapter = SafetensorsReader(weights)
-        self.root = self.base.root
         self.folder = folder
         r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
         rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -132,25 +127,12 @@ class LoraCheckpoint:
                 raise CheckpointError(f"{weights}: {name!r} has shape {list(e.shape)}, the base's {target!r} "
                                       f"{list(infos[target].shape)}")
             infos[target] = TensorInfo(target, e.dtype, tuple(e.shape), weights)
-        self.infos = infos
+        super().__init__(ref, self.base.root, infos, {})
 
-    # -- the Checkpoint interface ---------------------------------------------------------
+    # -- what differs from a plain checkpoint ---------------------------------------------
     @property
     def files(self) -> list[Path]:
         return [self.folder / ADAPTER_WEIGHTS, *self.base.files]
-
-    @property
-    def tensor_names(self) -> list[str]:
-        return list(self.infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.ref}: has no tensor {name!r}") from None
 
     def entry(self, name: str) -> TensorEntry | None:
         if name in self.pairs:
@@ -158,10 +140,6 @@ class LoraCheckpoint:
         if name in self.full:
             return self.adapter.entries[self.full[name]]
         return self.base.entry(name)
-
-    @property
-    def config(self) -> dict[str, Any] | None:
-        return self.base.config
 
     def delta(self, name: str, row0: int = 0, row1: int | None = None) -> torch.Tensor:
         """``scale · B · A`` for rows [row0, row1) of the adapted weight, float32."""
@@ -187,9 +165,6 @@ class LoraCheckpoint:
         w += self.delta(name, r0, r1)
         flat = w.reshape(-1)[start - r0 * cols: end - r0 * cols]
         return flat.reshape(rows, cols) if (start, count) == (0, None) else flat
-
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
 
     def close(self) -> None:
         self.adapter.close()

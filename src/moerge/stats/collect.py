@@ -102,8 +102,7 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
             raise StatsError("statistics need data: a task name or texts")
         from moerge.evaluation.tasks import get_suite
 
-        sizes = next((s.sizes for s in (get_suite("text"),) if t.name in s.tasks), (1000, 200, 400))
-        train = make_splits(t, sizes).train[: settings.examples]
+        train = make_splits(t, get_suite("text").sizes).train[: settings.examples]  # the zoo's training split
         texts, labels = [e.text for e in train], [e.label for e in train]
     texts = list(texts)[: settings.examples]
     labels = list(labels)[: settings.examples] if labels is not None else None
