@@ -104,6 +104,12 @@ def merge(
         recipe_text = loaded.text or _dump_recipe(plan.recipe)
         writer.write_text("moerge_recipe.yaml", recipe_text)
         notes = {k: v for k, v in stats.notes.items()}
+        per_tensor = {k: v for k, v in notes.items() if isinstance(v, dict)}
+        if per_tensor:  # a solver's report per layer: the whole of it in a file, its extremes in the card
+            import json
+
+            writer.write_text("moerge_merge_report.json", json.dumps(per_tensor, indent=1) + "\n")
+            notes.update({k: _extremes(v) for k, v in per_tensor.items()})
         if "lerp_fallback" in notes:
             notes["lerp_fallback"] = (f"{notes['lerp_fallback']} of {total} tensors were nearly colinear "
                                       "and linearly interpolated")
@@ -128,6 +134,14 @@ def merge(
         path = rep.output
     summary = plan.summary() | {"bytes_read": stats.bytes_read, "prepass_seconds": stats.prepass_seconds}
     return MergeResult(path, summary, time.perf_counter() - t0, notes, plan.warnings)
+
+
+def _extremes(values: dict[str, float]) -> str:
+    """'largest 3.1e-06 (tensor), median 2e-07 over 84 tensors' for a per-tensor report."""
+    worst = max(values, key=lambda k: values[k])
+    ordered = sorted(values.values())
+    return (f"largest {values[worst]:.3g} ({worst}), median {ordered[len(ordered) // 2]:.3g} over "
+            f"{len(values)} tensors (all in moerge_merge_report.json)")
 
 
 def _main_dtype(plan: Any) -> str | None:

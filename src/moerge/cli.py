@@ -241,7 +241,10 @@ def methods(ctx: click.Context, name: str | None) -> None:
 
         chosen = [get_method(name)] if name else list(all_methods().values())
         for m in chosen:
-            base = "needs base_model" if m.needs_base else "no base model"
+            base = ("needs base_model" if m.needs_base else "base_model optional" if m.optional_base
+                    else "no base model")
+            if m.stats:
+                base += "; statistics: " + " or ".join(m.stats) + " (per model 'stats:')"
             count = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"-{m.max_models}"))
             click.secho(f"{m.name}", bold=True, nl=False)
             click.echo(f"  — {m.summary}  [{base}; models: {count}]")

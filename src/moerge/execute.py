@@ -167,6 +167,53 @@ class _Reader:
             raise NonFiniteError(f"tensor {inp.item.name!r}: an input holds NaN/Inf in elements [{s}, {e})")
 
 
+class _ItemStats:
+    """The statistics of one work item, as data-aware methods see them (``moerge.methods.statistics``)."""
+
+    def __init__(self, reader: _Reader, item: WorkItem, norms: _Norms) -> None:
+        assert item.stats is not None and reader.plan.stats_kind is not None
+        self.kind = reader.plan.stats_kind
+        self.reader, self.item, self.norms = reader, item, norms
+
+    def _checked(self, ref: InputRef, t: torch.Tensor, start: int) -> torch.Tensor:
+        t = t.to(self.reader.device, COMPUTE_DTYPE)
+        lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            ck = self.reader.plan.checkpoints[ref.model]
+            first = start + int((~torch.isfinite(t.reshape(-1))).nonzero()[0, 0])
+            raise NonFiniteError(f"statistic {ref.tensor!r} in {ck.root} ({ck.info(ref.tensor).file}) holds NaN/Inf "
+                                 f"(first at flat index {first})", hint="recompute the statistics with `moerge stats`")
+        return t
+
+    def whole(self, model: int, part: int = 0) -> torch.Tensor:
+        ref = self.item.stats[model][part]  # type: ignore[index]
+        return self._checked(ref, self.reader.raw(ref), 0)
+
+    def block(self, model: int, start: int, stop: int, part: int = 0) -> torch.Tensor:
+        ref = self.item.stats[model][part]  # type: ignore[index]
+        return self._checked(ref, self.reader.raw(ref, start, stop - start, slot=100 + model).reshape(-1), start)
+
+    def norm(self, model: int) -> float:
+        return self.norms.get(self.item.stats[model][0].model)  # type: ignore[index]
+
+
+class _Norms:
+    """Global L2 norms of statistics folders: from their moerge_stats.json, else computed once by streaming."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+        self.values = {k: m["norm"] for k, m in reader.plan.stats_meta.items() if m.get("norm") is not None}
+        self._lock = threading.Lock()
+
+    def get(self, ckpt: int) -> float:
+        with self._lock:
+            if ckpt not in self.values:
+                ck = self.reader.plan.checkpoints[ckpt]
+                total = sum(float(ck.read(n).double().square().sum()) for n in ck.tensor_names)
+                self.values[ckpt] = total ** 0.5
+            return self.values[ckpt]
+
+
 def _output_error(method: str, item: WorkItem, overflow: bool) -> NonFiniteError:
     return NonFiniteError(
         f"{method} produced NaN/Inf in tensor {item.name!r} (stored as {item.dtype})",
@@ -187,6 +234,9 @@ def _item_cost(plan: Plan, item: WorkItem, block: int) -> int:
         info = plan.checkpoints[r.model].info(r.tensor)
         itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
         cost += (info.numel if whole else min(info.numel, block)) * itemsize
+    if item.stats:  # whole statistics in float64, and whole inputs for solvers that need them
+        cost += sum(plan.checkpoints[r.model].info(r.tensor).numel * 8 for refs_k in item.stats for r in refs_k)
+        cost += math.prod(item.shape) * 8 * (len(refs) + 4)
     return cost
 
 
@@ -196,9 +246,11 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
     inp = reader.load(item)
     notes: dict[str, Any] = {}
     numel = inp.numel
+    if plan.stats_kind is not None:
+        extra = dict(extra, stats=_ItemStats(reader, item, extra["_norms"]) if item.stats else None)
     try:
         merger = plan.method.build(item.shape, item.model_params, item.params, seed=item.seed, notes=notes,
-                                   conventions=plan.recipe.conventions, **extra)
+                                   conventions=plan.recipe.conventions, name=item.name, **extra)
     except ValueError as err:
         raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {err}") from None
     ranges = block_ranges(numel, item.shape, block, merger.row_aligned)
@@ -310,6 +362,8 @@ def _execute(plan: Plan, writer: ModelWriter, reader: _Reader, dev: torch.device
     items = plan.items
     t0 = time.perf_counter()
     extra = _run_prepass(plan, reader, block, n_workers)
+    if plan.stats_kind is not None:
+        extra["_norms"] = _Norms(reader)
     stats.prepass_seconds = time.perf_counter() - t0
 
     out_q: queue.Queue[Any] = queue.Queue(maxsize=2)
@@ -357,7 +411,10 @@ def _execute(plan: Plan, writer: ModelWriter, reader: _Reader, dev: torch.device
                     out, item_notes = submitted.pop(k).result()
                     inflight -= costs[k]
                     for key, val in item_notes.items():
-                        notes[key] = notes.get(key, 0) + val
+                        if isinstance(val, dict):  # per-tensor reports (e.g. a solver's residual per layer)
+                            notes.setdefault(key, {}).update(val)
+                        else:
+                            notes[key] = notes.get(key, 0) + val
                     if write_error:
                         raise write_error[0]
                     out_q.put((item.name, out))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moerge.errors import PlanError, UnknownMethodError, did_you_mean
+from moerge.errors import MoergeError, PlanError, UnknownMethodError, did_you_mean
 from moerge.io.checkpoint import Checkpoint
 from moerge.io.safetensors_format import tensor_nbytes
 from moerge.methods import MergeMethod, get_method
@@ -54,6 +54,7 @@ class WorkItem:
     copy_from: InputRef | None = None  # non-float tensors are copied, not merged
     row_fix: bool = False  # inputs may need crop/pad of rows to ``shape[0]`` (vocab policy)
     pad_from: InputRef | None = None  # rows missing from an input come from here (default: base or first input)
+    stats: list[tuple[InputRef, ...]] | None = None  # data-aware methods: each input's statistics (None: none)
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +74,9 @@ class Plan:
     base_index: int | None
     expert_indices: list[int]
     warnings: list[str] = field(default_factory=list)
+    n_models: int | None = None  # checkpoints[:n_models] are models, the rest statistics folders
+    stats_kind: str | None = None  # the kind of statistics every expert brings (data-aware methods)
+    stats_meta: dict[int, dict[str, Any]] = field(default_factory=dict)  # per statistics checkpoint
 
     @property
     def recipe(self) -> Recipe:
@@ -94,7 +98,7 @@ class Plan:
             "parameters": sum(math.prod(i.shape) for i in self.items),
             "output_bytes": self.output_bytes,
             "input_bytes": self.input_bytes,
-            "models": [c.ref for c in self.checkpoints],
+            "models": [c.ref for c in self.checkpoints[: self.n_models]],
         }
 
 
@@ -108,6 +112,10 @@ class _Planner:
         self.checkpoints = [Checkpoint.open(r, allow_pickle=allow_pickle) for r in self.refs]
         self.index = {r: i for i, r in enumerate(self.refs)}
         self.warnings: list[str] = []
+        self.n_models = len(self.checkpoints)
+        self.stats_kind: str | None = None
+        self.stats_index: dict[int, int] = {}  # expert checkpoint -> its statistics checkpoint
+        self.stats_meta: dict[int, dict[str, Any]] = {}  # statistics checkpoint -> its moerge_stats.json
 
     def _method_with_line(self) -> MergeMethod:
         try:
@@ -180,6 +188,9 @@ class _Planner:
         r = self.recipe
         m = self.method
         self.check_param_keys(r.parameters, ("parameters",), per_model=False)
+        if m.stats and r.slices is not None:
+            raise PlanError(f"{self.loaded.source}: {m.name} reads per-model statistics, which do not combine "
+                            "with slices; list the models under 'models'")
         if m.needs_base and not r.base_model and not r.slices:
             raise PlanError(f"{self.loaded.source}: {m.name} needs a 'base_model' (the model the task "
                             "vectors are taken against)")
@@ -191,7 +202,8 @@ class _Planner:
         cfg_src = self._source_index(r.config_source, reference, "config_source")
         tok_src = self._source_index(r.tokenizer_from, reference, "tokenizer_source")
         return Plan(self.loaded, m, self.checkpoints, items, reference, cfg_src, tok_src, n_layers,
-                    base_idx, experts, self.warnings)
+                    base_idx, experts, self.warnings, self.n_models, self.stats_kind,
+                    self.stats_meta)
 
     def _check_whole_model_trim(self, items: list[WorkItem]) -> None:
         """A trim over each whole task vector needs one density per model and a model per position."""
@@ -245,7 +257,8 @@ class _Planner:
         m = self.method
         base_idx = self.index[r.base_model] if r.base_model else None
         entries = list(enumerate(r.models or []))
-        if m.needs_base:
+        uses_base = m.needs_base or (m.optional_base and base_idx is not None)
+        if uses_base:
             entries = [(i, e) for i, e in entries if e.model != r.base_model]
         else:
             if r.base_model and all(e.model != r.base_model for e in r.models or []):
@@ -255,7 +268,13 @@ class _Planner:
         for i, e in entries:
             self.check_param_keys(e.parameters, ("models", i, "parameters"), per_model=True)
         experts = [self.index[e.model] for _, e in entries]
-        reference = base_idx if (m.needs_base and base_idx is not None) else experts[0]
+        if m.stats:
+            self._open_stats(entries)
+        elif any(e.stats for _, e in entries):
+            k = next(i for i, e in entries if e.stats)
+            self.warnings.append(f"{self.loaded.where('models', k, 'stats')}: {m.name} does not use statistics; "
+                                 "'stats' is ignored")
+        reference = base_idx if (uses_base and base_idx is not None) else experts[0]
         ref_ckpt = self.checkpoints[reference]
         n_layers = self._count_layers(ref_ckpt)
         out_dtype = self.recipe.output_dtype
@@ -272,16 +291,107 @@ class _Planner:
                 for i, e in entries
             ]
             dtype = info.dtype if info.dtype not in FLOAT_DTYPES else (out_dtype or info.dtype)
+            if not items and base_idx is None and m.requires_base and (why := m.requires_base(gparams)):
+                raise PlanError(f"{self.loaded.source}: {m.name}: {why}; add base_model to the recipe")
             item = WorkItem(
                 name=name, shape=info.shape, dtype=dtype,
-                base=InputRef(base_idx, name) if m.needs_base and base_idx is not None else None,
+                base=InputRef(base_idx, name) if uses_base and base_idx is not None else None,
                 inputs=[InputRef(x, name) for x in experts],
                 model_params=mparams, params=gparams, seed=tensor_seed(r.seed, name),
                 copy_from=None if info.dtype in FLOAT_DTYPES else InputRef(reference, name),
                 row_fix=row_fix,
             )
+            if m.stats and item.copy_from is None:
+                item.stats = self._stats_refs(name, info.shape, experts)
             items.append(item)
-        return items, reference, n_layers, (base_idx if m.needs_base else None), experts
+        return items, reference, n_layers, (base_idx if uses_base else None), experts
+
+    # -- statistics (data-aware methods) -----------------------------------------------------
+    def _open_stats(self, entries: list[tuple[int, Any]]) -> None:
+        """Open each expert's statistics folder and check it belongs to that expert."""
+        import json
+
+        from moerge.io.checkpoint import resolve_reference
+        from moerge.methods.statistics import STAT_PARTS
+
+        m = self.method
+        kinds = " or ".join(m.stats)
+        for i, e in entries:
+            where = self.loaded.where("models", i)
+            if not e.stats:
+                raise PlanError(
+                    f"{where}: {m.name} needs statistics for every model; {e.model} has no 'stats'",
+                    hint=f"compute them with `moerge stats {m.stats[0]} {e.model} --data TASK --out DIR` and "
+                    "add 'stats: DIR' to this model's entry")
+            try:
+                folder = resolve_reference(e.stats)
+            except MoergeError as err:
+                raise PlanError(f"{self.loaded.where('models', i, 'stats')}: {err.message}") from None
+            meta_path = folder / "moerge_stats.json"
+            try:
+                meta = json.loads(meta_path.read_text())
+            except FileNotFoundError:
+                raise PlanError(f"{folder}: not a statistics folder (no moerge_stats.json)",
+                                hint=f"compute statistics with `moerge stats {m.stats[0]} MODEL --data TASK "
+                                "--out DIR`") from None
+            except (OSError, ValueError) as err:
+                raise PlanError(f"{meta_path}: unreadable ({err})") from None
+            kind = meta.get("kind")
+            if kind not in m.stats or kind not in STAT_PARTS:
+                raise PlanError(f"{folder}: holds {kind!r} statistics; {m.name} reads {kinds} statistics")
+            if self.stats_kind is not None and kind != self.stats_kind:
+                raise PlanError(f"{folder}: holds {kind} statistics but other models bring {self.stats_kind}; "
+                                "give every model the same kind")
+            self.stats_kind = kind
+            expert = self.index[e.model]
+            want = meta.get("model_fingerprint")
+            if want is None:
+                self.warnings.append(f"{folder}: no model fingerprint recorded; cannot check that these "
+                                     f"statistics belong to {e.model}")
+            else:
+                have = self.checkpoints[expert].fingerprint()
+                if have != want:
+                    raise PlanError(
+                        f"{folder}: these statistics were computed from {meta.get('model')} (fingerprint "
+                        f"{want}), not from {e.model} (fingerprint {have})",
+                        hint=f"recompute them: moerge stats {kind} {e.model} --data TASK --out {folder} --force")
+            self.stats_index[expert] = len(self.checkpoints)
+            self.stats_meta[len(self.checkpoints)] = meta
+            self.checkpoints.append(Checkpoint.open(folder))
+
+    def _stats_refs(self, name: str, shape: tuple[int, ...], experts: list[int]) -> list[tuple[InputRef, ...]] | None:
+        """The statistics tensors of one weight, per expert; None if no expert has them."""
+        from moerge.methods.statistics import STAT_PARTS
+
+        kind = self.stats_kind
+        assert kind is not None
+        names = [name + suffix for suffix in STAT_PARTS[kind]]
+        found = [all(n in self.checkpoints[self.stats_index[x]] for n in names) for x in experts]
+        if not any(found):
+            return None
+        if not all(found):
+            have = self.checkpoints[self.stats_index[experts[found.index(True)]]]
+            lack = self.checkpoints[self.stats_index[experts[found.index(False)]]]
+            raise PlanError(f"statistics for {name!r} are missing from {lack.root} (they are in {have.root})",
+                            hint="compute every model's statistics the same way (same kind, same model layout)")
+        if kind == "fisher":
+            expected = [shape]
+        elif len(shape) != 2:
+            raise PlanError(f"{self.checkpoints[self.stats_index[experts[0]]].root}: has {kind} statistics for "
+                            f"{name!r}, which is not a 2-D weight ({list(shape)})")
+        else:
+            expected = [(shape[1], shape[1]), (shape[0], shape[0])][: len(names)]
+        refs = []
+        for x in experts:
+            ck = self.checkpoints[self.stats_index[x]]
+            for n, want in zip(names, expected):
+                got = ck.info(n).shape
+                if tuple(got) != tuple(want):
+                    raise PlanError(f"{ck.root}: statistic {n!r} is {list(got)}, expected {list(want)} for the "
+                                    f"weight {name!r} of shape {list(shape)} ({ck.info(n).file})",
+                                    hint="statistics must come from a model of the same architecture")
+            refs.append(tuple(InputRef(self.stats_index[x], n) for n in names))
+        return refs
 
     def _check_count(self, n: int) -> None:
         m = self.method

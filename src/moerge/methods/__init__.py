@@ -12,7 +12,7 @@ from moerge.errors import UnknownMethodError, did_you_mean
 from moerge.methods.base import CONVENTIONS, MergeMethod, Param, register, registry
 
 FAMILIES = ("linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "slerp", "model_stock",
-            "passthrough")
+            "passthrough", "fisher", "regmean", "mats")
 _loaded = False
 
 

@@ -61,6 +61,12 @@ class Param:
     def kwarg(self) -> str:
         return self.arg or self.name
 
+    def with_default(self, default: Any) -> Param:
+        """This parameter with another default (for a method whose paper uses another value)."""
+        import dataclasses
+
+        return dataclasses.replace(self, default=default, defaults={})
+
     def default_for(self, convention: str) -> Any:
         return self.defaults.get(convention, self.default)
 
@@ -115,6 +121,12 @@ class MergeMethod:
     family: str = ""
     # Optional factory of a whole-model pre-pass (e.g. TIES trim over the whole task vector).
     prepass: Callable[[dict[str, Any]], Any] | None = None
+    # Data-aware methods: the kinds of per-model statistics (``moerge stats``) they read, first preferred.
+    stats: tuple[str, ...] = ()
+    # Uses the base model when the recipe names one (e.g. MaTS's task-arithmetic start), else not.
+    optional_base: bool = False
+    # For an optional base: a reason why these global parameters need one (or None).
+    requires_base: Callable[[dict[str, Any]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -171,6 +183,9 @@ def register(
     max_models: int | None = None,
     family: str = "",
     prepass: Callable[[dict[str, Any]], Any] | None = None,
+    stats: tuple[str, ...] = (),
+    optional_base: bool = False,
+    requires_base: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merger factory ``fn(shape, **params) -> TensorMerger`` under ``name``."""
 
@@ -179,7 +194,7 @@ def register(
             raise ValueError(f"merge method {name!r} registered twice")
         _REGISTRY[name] = MergeMethod(
             name, fn, params, summary, citation, needs_base, min_models, max_models,
-            family or fn.__module__.rsplit(".", 1)[-1], prepass,
+            family or fn.__module__.rsplit(".", 1)[-1], prepass, stats, optional_base, requires_base,
         )
         return fn
 

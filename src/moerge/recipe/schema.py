@@ -32,6 +32,8 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     model: str = Field(description="path, or Hugging Face repo id found in the local cache")
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    stats: str | None = Field(None, description="folder of this model's statistics (`moerge stats`), for "
+                              "data-aware methods: fisher, regmean, mats")
 
     @field_validator("model")
     @classmethod

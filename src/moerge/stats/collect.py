@@ -110,7 +110,8 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
         raise StatsError(f"{settings.kind} needs labelled examples of a task (a loss to differentiate)")
     data_hash = content_hash([Example(x, y) for x, y in zip(texts, labels or [0] * len(texts))])
 
-    names = set(Checkpoint.open(model_dir).tensor_names)
+    ckpt = Checkpoint.open(model_dir)
+    names, fingerprint = set(ckpt.tensor_names), ckpt.fingerprint()
     model, tok = load_model(model_dir, track)
     head = None
     if track == "encoder" and settings.kind != "gram":
@@ -133,9 +134,13 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
         acc, rows = _kfac(model, tok, track, t, texts, labels, settings, names, head, label_tokens, progress)
     seconds = time.perf_counter() - t0
     tensors = [(n, "float32", tuple(v.shape)) for n, v in acc.items()]
+    norm = None
+    if settings.kind == "fisher":  # Fisher merging's normalisation divides by each model's global norm
+        norm = float(sum(float(v.double().square().sum()) for v in acc.values()) ** 0.5)
     meta = {
-        "kind": settings.kind, "estimator": settings.estimator if settings.kind != "gram" else None,
-        "model": str(model_dir.resolve()), "model_hash": files_hash(model_dir), "track": track,
+        "kind": settings.kind, "norm": norm, "estimator": settings.estimator if settings.kind != "gram" else None,
+        "model": str(model_dir.resolve()), "model_hash": files_hash(model_dir),
+        "model_fingerprint": fingerprint, "track": track,
         "task": t.name if t else None, "data_hash": data_hash, "examples": len(texts), "rows": rows,
         "settings": settings.__dict__, "seconds": round(seconds, 1), "tensors": len(tensors),
     }
