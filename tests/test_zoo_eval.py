@@ -148,3 +148,22 @@ def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
     exp = Experiment("tiny", "decoder", "lora", zoo=zoo, results=env["root"] / "res-dec", log=lambda s: None)
     rec = exp.merged_record("task_arithmetic", {"lambda": 1.0}, ["bbc", "tweets"], "validation", ["bbc", "tweets"])
     assert set(rec["accuracy"]) == {"bbc", "tweets"} and rec["held_in_norm"] is not None
+
+
+def test_data_aware_merge_computes_statistics_once_and_records_their_cost(env: dict[str, Path],
+                                                                          encoder_zoo: list[dict]) -> None:
+    from moerge.evaluation.experiment import Experiment
+    from moerge.evaluation.report import markdown_table
+    from moerge.evaluation.zoo import stats_dir
+
+    exp = Experiment("tiny", "encoder", "full", zoo=env["zoo"], results=env["root"] / "res-da", log=lambda s: None)
+    rec = exp.merged_record("regmean", {"alpha": 0.9}, ["bbc", "tweets"], "validation", ["bbc", "tweets"])
+    meta = json.loads((stats_dir(env["zoo"], "encoder", "full", "gram", "bbc") / "moerge_stats.json").read_text())
+    assert meta["kind"] == "gram" and meta["task"] == "bbc" and meta["model_fingerprint"]
+    assert rec["stats_kind"] == "gram" and rec["stats_seconds"] >= 0 and rec["held_in_norm"] is not None
+    folder = stats_dir(env["zoo"], "encoder", "full", "gram", "bbc")
+    stamp = (folder / "moerge_stats.json").stat().st_mtime_ns
+    recipe = exp.recipe("regmean", {}, ["bbc", "tweets"])  # cached: not computed again
+    assert recipe["models"][0] == {"model": str(env["zoo"] / "encoder/full/bbc"), "stats": str(folder)}
+    assert (folder / "moerge_stats.json").stat().st_mtime_ns == stamp
+    assert "(gram)" in markdown_table([dict(rec, split="test")], "tiny")

@@ -263,7 +263,8 @@ def _number(v: str) -> Any:
 
 @click.command("compare")
 @_common
-@click.option("--methods", default=None, help="Comma-separated methods (default: every data-free method).")
+@click.option("--methods", default=None, help="Comma-separated methods (default: every method of the grid: the data-free ones, then "
+              "fisher, regmean and mats, which first compute each expert's statistics once, cached in the zoo).")
 @click.option("--grid", type=click.Choice(["full", "small"]), default="full", show_default=True,
               help="Values tried per method on validation (`small` for the slow decoder track).")
 @click.option("--no-curve", is_flag=True, help="Skip merges of 2 … N−1 experts.")

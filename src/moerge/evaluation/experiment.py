@@ -31,7 +31,7 @@ from typing import Any
 from moerge.evaluation.evaluate import EvalSettings, Evaluator
 from moerge.evaluation.models import default_cache
 from moerge.evaluation.tasks import TaskError, get_suite
-from moerge.evaluation.zoo import MULTITASK, expert_dir, list_experts, pretrained_dir
+from moerge.evaluation.zoo import MULTITASK, expert_dir, list_experts, pretrained_dir, stats_dir
 from moerge.measure import run_measured
 
 # data-free methods of the engine and the values tried on validation (slerp takes one model: not in a
@@ -46,6 +46,9 @@ GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
         "breadcrumbs": {"density": [0.8, 0.9], "lambda": [0.3, 0.5, 0.7]},
         "breadcrumbs_ties": {"density": [0.8, 0.9], "lambda": [0.5, 1.0]},
         "model_stock": {},
+        "fisher": {},
+        "regmean": {"alpha": [0.5, 0.9, 1.0]},
+        "mats": {"init_lambda": [0.3, 0.5, 1.0], "iterations": [10, 100]},
     },
     "small": {
         "linear": {},
@@ -56,8 +59,14 @@ GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
         "breadcrumbs": {"density": [0.9], "lambda": [0.3, 0.5]},
         "breadcrumbs_ties": {"density": [0.9], "lambda": [0.7, 1.0]},
         "model_stock": {},
+        "fisher": {},
+        "regmean": {"alpha": [0.5, 0.95]},
+        "mats": {"init_lambda": [0.3, 1.0]},
     },
 }
+# data-aware methods and the statistics each expert brings (computed once, cached in the zoo)
+DATA_AWARE = {"fisher": "fisher", "regmean": "gram", "mats": "kfac"}
+DATA_FREE = [m for m in GRIDS["full"] if m not in DATA_AWARE]
 CURVE_METHODS = ("linear", "task_arithmetic", "ties")
 
 Log = Callable[[str], None]
@@ -138,9 +147,34 @@ class Experiment:
 
     # -- merging -------------------------------------------------------------------------------
     def recipe(self, method: str, params: dict[str, Any], experts: list[str]) -> dict[str, Any]:
+        models: list[Any] = [str(expert_dir(self.zoo, self.track, self.kind, t)) for t in experts]
+        if method in DATA_AWARE:
+            models = [{"model": m, "stats": str(self.stats(t, DATA_AWARE[method]))} for m, t in zip(models, experts)]
         return {"method": method, "base_model": str(pretrained_dir(self.zoo, self.track)),
-                "models": [str(expert_dir(self.zoo, self.track, self.kind, t)) for t in experts],
-                "parameters": dict(params), "seed": self.seed}
+                "models": models, "parameters": dict(params), "seed": self.seed}
+
+    def stats(self, task: str, stat: str) -> Path:
+        """An expert's statistics folder, computed on first use (`moerge stats`, its own process, measured)."""
+        out = stats_dir(self.zoo, self.track, self.kind, stat, task)
+        if not (out / "moerge_stats.json").exists():
+            self.log(f"statistics: {stat} of the {task} expert ...")
+            log = self.work / f"stats-{self.track}-{stat}-{task}.log"
+            self.work.mkdir(parents=True, exist_ok=True)
+            rec = run_measured([sys.executable, "-m", "moerge", "stats", stat,
+                                str(expert_dir(self.zoo, self.track, self.kind, task)), "--data", task,
+                                "--track", self.track, "--out", str(out), "--force", "--quiet"], log=log)
+            if rec["rc"]:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"moerge stats failed ({log}): {' '.join(tail)}")
+        return out
+
+    def stats_cost(self, method: str, experts: list[str]) -> dict[str, Any]:
+        """What the statistics of a data-aware merge cost (computing them, once per expert)."""
+        if method not in DATA_AWARE:
+            return {}
+        metas = [json.loads((self.stats(t, DATA_AWARE[method]) / "moerge_stats.json").read_text()) for t in experts]
+        return {"stats_seconds": round(sum(m["seconds"] for m in metas), 1),
+                "stats_examples": sum(m["examples"] for m in metas), "stats_kind": DATA_AWARE[method]}
 
     def merge(self, recipe: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
         """Run ``moerge merge`` in its own process; returns (output, its wall time, CPU time, peak RSS and peak
@@ -169,7 +203,7 @@ class Experiment:
         out, cost = self.merge(recipe)
         try:
             return self.record(method, role, out, split, tasks, method=method, params=params, experts=experts,
-                               n_experts=len(experts), **cost)
+                               n_experts=len(experts), **cost, **self.stats_cost(method, experts))
         finally:
             shutil.rmtree(out, ignore_errors=True)
 

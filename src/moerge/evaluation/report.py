@@ -43,15 +43,20 @@ def markdown_table(records: list[dict[str, Any]], suite: str) -> str:
     """The test table in Markdown (for the README)."""
     s = get_suite(suite)
     head = ["model", "values (chosen on validation)", *s.tasks, "held-in", "held-out", "held-in norm",
-            "held-out norm", "merge s", "merge MiB"]
+            "held-out norm", "merge s", "merge MiB", "statistics s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in test_rows(records):
         cells = [r["name"], _params(r)] + [_f(r["accuracy"].get(t), True) for t in s.tasks]
         cells += [_f(r["held_in"], True), _f(r["held_out"], True), _f(r["held_in_norm"]), _f(r["held_out_norm"])]
         cells += [f"{r['merge_seconds']:.1f}" if "merge_seconds" in r else "",
-                  f"{r['merge_peak_mib']:.0f}" if "merge_peak_mib" in r else ""]
+                  f"{r['merge_peak_mib']:.0f}" if "merge_peak_mib" in r else "", _stats_cost(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _stats_cost(r: dict[str, Any]) -> str:
+    """What a data-aware merge's statistics cost to compute (all experts, once), e.g. '412 (kfac)'."""
+    return f"{r['stats_seconds']:.0f} ({r['stats_kind']})" if "stats_seconds" in r else ""
 
 
 def _png(fig: Any) -> bytes:
@@ -126,7 +131,7 @@ def figures(records: list[dict[str, Any]], title: str) -> dict[str, bytes]:
 def _html_table(records: list[dict[str, Any]], suite: str) -> str:
     s = get_suite(suite)
     head = ["model", "values", *[f"{t}{'*' if t in s.held_out else ''}" for t in s.tasks], "held-in", "held-out",
-            "held-in norm", "held-out norm", "merge s", "merge MiB"]
+            "held-in norm", "held-out norm", "merge s", "merge MiB", "statistics s"]
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in test_rows(records):
         cells = [r["name"], _params(r)]
@@ -134,10 +139,12 @@ def _html_table(records: list[dict[str, Any]], suite: str) -> str:
             a, n = r["accuracy"].get(t), r["normalized"].get(t)
             cells.append(f"{_f(a, True)}<small> ({_f(n)})</small>" if n is not None else _f(a, True))
         cells += [_f(r["held_in"], True), _f(r["held_out"], True), f"<b>{_f(r['held_in_norm'])}</b>",
-                  f"<b>{_f(r['held_out_norm'])}</b>", f"{r.get('merge_seconds', '')}", f"{r.get('merge_peak_mib', '')}"]
+                  f"<b>{_f(r['held_out_norm'])}</b>", f"{r.get('merge_seconds', '')}", f"{r.get('merge_peak_mib', '')}",
+                  _stats_cost(r)]
         out.append("<tr>" + "".join(f"<td>{c if '<' in str(c) else html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "\n".join(out) + "</table><p><small>* held-out task. Accuracy in %, normalised by each task's fine-tuned " \
-                            "expert in brackets.</small></p>"
+                            "expert in brackets. Statistics: seconds to compute every expert's statistics " \
+                            "(once; data-aware methods only).</small></p>"
 
 
 def _sweep_table(records: list[dict[str, Any]]) -> str:

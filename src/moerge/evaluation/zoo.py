@@ -42,6 +42,11 @@ def expert_dir(zoo: Path, track: str, kind: str, task: str) -> Path:
     return zoo / track / kind / task
 
 
+def stats_dir(zoo: Path, track: str, kind: str, stat: str, task: str) -> Path:
+    """Where an expert's ``moerge stats`` folder lives in the zoo."""
+    return zoo / track / f"{kind}-stats" / stat / task
+
+
 def read_meta(folder: Path) -> dict[str, Any] | None:
     p = folder / EXPERT_META
     return json.loads(p.read_text()) if p.exists() else None

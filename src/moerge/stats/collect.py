@@ -173,9 +173,15 @@ def _gram(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], s: 
 
     def hook(name: str) -> Callable[..., None]:
         def fn(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = _rows(inputs[0].detach().float(), state["mask"])
-            acc[name].addmm_(x.T.cpu(), x.cpu())
-            rows[name] += x.shape[0]
+            # layers fed the same tensor (q/k/v, gate/up) share one product per batch
+            key = (inputs[0].data_ptr(), tuple(inputs[0].shape))
+            if key not in state["seen"]:
+                x = _rows(inputs[0].detach().float(), state["mask"])
+                # holding the input keeps its memory from being reused by a later tensor in this pass
+                state["seen"][key] = (x.T @ x).cpu(), x.shape[0], inputs[0]
+            xtx, n, _ = state["seen"][key]
+            acc[name].add_(xtx)
+            rows[name] += n
         return fn
 
     handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in mods.items()]
@@ -185,7 +191,7 @@ def _gram(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], s: 
         with torch.no_grad():
             for k, idx in enumerate(batches):
                 b = _Batch(model, tok, track, task, [texts[i] for i in idx], s.max_length)
-                state["mask"] = b.mask
+                state["mask"], state["seen"] = b.mask, {}
                 model(**b.inputs)
                 if progress:
                     progress(k + 1, len(batches))
