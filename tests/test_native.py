@@ -162,3 +162,58 @@ def test_native_output_overflow_is_reported(tmp_path, out_dtype):
     with pytest.raises(NonFiniteError, match=f"overflow {out_dtype}"):
         moerge.merge(r, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+class _Bracketing:
+    """Sampled-bracket selection for every tensor, however small (it normally starts at 256 Ki elements)."""
+
+    def __enter__(self):
+        from moerge.methods.blocks import RankSelect
+
+        self.saved = RankSelect.SAMPLE_MIN, RankSelect.SAMPLE_MIN_VALUES
+        RankSelect.SAMPLE_MIN, RankSelect.SAMPLE_MIN_VALUES = 0, 1
+
+    def __exit__(self, *exc):
+        from moerge.methods.blocks import RankSelect
+
+        RankSelect.SAMPLE_MIN, RankSelect.SAMPLE_MIN_VALUES = self.saved
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 50), k=st.integers(1, 4), seed=st.integers(0, 2**31 - 1),
+       method=st.sampled_from(["ties", "breadcrumbs", "breadcrumbs_ties"]), quantize=st.booleans(),
+       bf16=st.booleans(), block=st.integers(1, 80), density=st.floats(0.05, 1.0))
+def test_sampled_bracket_selection_equals_torch_path(rows, cols, k, seed, method, quantize, bf16, block, density):
+    # mergekit conventions trim per tensor: the selection that the bracket pass replaces
+    base, models = _inputs(rows, cols, k, seed, quantize, torch.bfloat16 if bf16 else torch.float32)
+    kw = {"density": [density] * k, "weight": [0.5 + i for i in range(k)]}
+    ref = run(method, base.float(), [m.float() for m in models], conventions="mergekit", seed=seed, native=False, **kw)
+    with _Bracketing():
+        got = run(method, base, models, conventions="mergekit", seed=seed, native=True, block=block,
+                  out_dtype=torch.float32, **kw)
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_a_bracket_that_misses_falls_back_to_exact_radix_passes():
+    from moerge.methods import get_method
+    from moerge.methods.blocks import run_whole, sample_positions
+
+    n = 300_000
+    g = torch.Generator().manual_seed(0)
+    delta = 1.0 + torch.rand(n, generator=g)
+    for s, e in sample_positions(n):  # the sample sees only tiny magnitudes: its bracket must miss
+        delta[s:e] = 1e-3 * torch.rand(e - s, generator=g)
+    base = torch.randn(n, generator=g)
+    models = [base + delta, base - 0.5 * delta]
+    m = get_method("ties")
+    params = {p.name: p.default_for("mergekit") for p in m.params if not p.per_model}
+    mparams = [{"weight": 1.0, "density": 0.4}, {"weight": 1.0, "density": 0.4}]
+    ref = run_whole(m.build((n,), mparams, params, conventions="mergekit"), base, models)
+    merger = m.build((n,), mparams, params, conventions="mergekit")
+    got = run_whole(merger, base, models, native=True)
+    assert all(sp.window.select.offset == 1 and sp.passes == 3 for sp in merger.sparsifiers)  # fell back
+    assert torch.equal(got, ref)
+    hit = m.build((n,), mparams, {**params, "lambda": 1.0}, conventions="mergekit")
+    plain = (base + 0.01 * torch.randn(n, generator=g))
+    run_whole(hit, base, [plain, plain * 1.001], native=True)
+    assert all(sp.passes == 1 for sp in hit.sparsifiers)  # a representative sample: one pass

@@ -27,7 +27,7 @@ import torch
 from moerge import native
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.writer import ModelWriter
-from moerge.methods.blocks import BLOCK, TensorMerger, block_ranges
+from moerge.methods.blocks import BLOCK, TensorMerger, block_ranges, sample_positions
 from moerge.plan import InputRef, Plan, WorkItem
 
 COMPUTE_DTYPE = torch.float32
@@ -160,6 +160,14 @@ class _Reader:
             models = [m if m.dtype in native.DT_CODES else m.to(COMPUTE_DTYPE) for m in models]
         return base, models
 
+    def sample(self, inp: _Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The same evenly spread runs of elements of every input (raw dtype, CPU), concatenated."""
+        runs = sample_positions(inp.numel)
+        parts = [self.raw_blocks(inp, s, e) for s, e in runs]  # (small copies: the read slots are reused)
+        base = torch.cat([b.clone() for b, _ in parts]) if parts[0][0] is not None else None
+        models = [torch.cat([ms[k].clone() for _, ms in parts]) for k in range(len(parts[0][1]))]
+        return base, models
+
     def checked(self, nonfinite: int, inp: _Inputs, s: int, e: int) -> None:
         """A native kernel saw ``nonfinite`` NaN/Inf inputs in block [s, e): raise the precise error."""
         if nonfinite and not self.allow_nonfinite:
@@ -259,11 +267,13 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
         _merge_native(plan, reader, merger, inp, ranges, out)
         return out.view(item.shape), notes
     first = True
-    for p in range(merger.passes):
+    p = 0
+    while p < merger.passes:  # read afresh: a merger may find it needs another pass
         for s, e in ranges:
             merger.observe(p, s, *reader.blocks(inp, s, e, first))
         merger.end_pass(p)
         first = False
+        p += 1
     for s, e in ranges:
         exact = merger.emit(s, *reader.blocks(inp, s, e, first))
         blk = exact.to(out.dtype)
@@ -277,10 +287,14 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
 def _merge_native(plan: Plan, reader: _Reader, merger: TensorMerger, inp: _Inputs, ranges: list[tuple[int, int]],
                   out: torch.Tensor) -> None:
     """The passes of one tensor through the native kernels: raw blocks in, rounded output blocks out."""
-    for p in range(merger.passes):
+    if merger.sample_wanted():
+        merger.observe_sample(*reader.sample(inp))
+    p = 0
+    while p < merger.passes:
         for s, e in ranges:
             reader.checked(merger.observe_native(p, s, *reader.raw_blocks(inp, s, e)), inp, s, e)
         merger.end_pass(p)
+        p += 1
     direct = out.dtype in native.DT_CODES
     flags = native.new_flags()
     for s, e in ranges:

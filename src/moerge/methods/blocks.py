@@ -12,6 +12,7 @@ this), so the executor is free to pick blocks that fit in cache.
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 
@@ -30,7 +31,16 @@ class TensorMerger(ABC):
         """Accumulate statistics of pass ``p`` from one block."""
 
     def end_pass(self, p: int) -> None:  # noqa: B027 - optional hook
-        """Called once after every block was observed in pass ``p``."""
+        """Called once after every block was observed in pass ``p``. ``passes`` is read again after
+        each pass: a merger may find it needs more (e.g. a sampled guess that missed)."""
+
+    # Sampling (optional, native path): before the first pass the executor may hand the merger an
+    # evenly spread sample of each raw input, to plan its passes (see :class:`RankSelect`).
+    def sample_wanted(self) -> bool:
+        return False
+
+    def observe_sample(self, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:  # noqa: B027
+        """A sample (raw dtype, CPU) of the same positions of every input."""
 
     @abstractmethod
     def emit(self, start: int, base: torch.Tensor | None, models: list[torch.Tensor]) -> torch.Tensor:
@@ -78,13 +88,17 @@ def run_whole(merger: TensorMerger, base: torch.Tensor | None, models: list[torc
     def blk(s: int, e: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         return (flat_b[s:e] if flat_b is not None else None), [m[s:e] for m in flat_m]
 
-    for p in range(merger.passes):
+    if native and merger.sample_wanted():
+        merger.observe_sample(*sample_of(flat_b, flat_m))
+    p = 0
+    while p < merger.passes:
         for s, e in ranges:
             if native:
                 merger.observe_native(p, s, *blk(s, e))
             else:
                 merger.observe(p, s, *blk(s, e))
         merger.end_pass(p)
+        p += 1
     if native:
         from moerge.native import new_flags
 
@@ -99,19 +113,51 @@ def run_whole(merger: TensorMerger, base: torch.Tensor | None, models: list[torc
     return out.view(shape)
 
 
+SAMPLE_CHUNKS, SAMPLE_CHUNK = 64, 1024  # an evenly spread sample: 64 runs of 1024 elements
+
+
+def sample_positions(numel: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of the sample of a tensor of ``numel`` elements."""
+    if numel <= SAMPLE_CHUNKS * SAMPLE_CHUNK:
+        return [(0, numel)]
+    last = numel - SAMPLE_CHUNK
+    return [(last * c // (SAMPLE_CHUNKS - 1), last * c // (SAMPLE_CHUNKS - 1) + SAMPLE_CHUNK)
+            for c in range(SAMPLE_CHUNKS)]
+
+
+def sample_of(base: torch.Tensor | None, models: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The sample runs of flat in-memory tensors, concatenated."""
+    runs = sample_positions(models[0].numel())
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[s:e] for s, e in runs])
+
+    return (take(base) if base is not None else None), [take(m) for m in models]
+
+
 class RankSelect:
-    """Exact order statistics of a stream of non-negative floats, in two passes and O(1) memory.
+    """Exact order statistics of a stream of non-negative floats, in O(1) passes and small memory.
 
     Radix selection on the float32 bit patterns (which order like the values):
     pass 0 histograms the high 16 bits; pass 1 the low 16 bits inside the bins
     that hold the wanted ranks. Afterwards, for each wanted rank r (0-based, in
     ascending order) we know its value, how many elements are smaller, and how
     many are equal. With ``shared``, blocks may be observed from several threads at once.
+
+    Native path, large tensors: given a sample first (:meth:`observe_sample`), each wanted rank is
+    bracketed by sample quantiles ± six standard errors, and *one* pass counts the elements above each
+    bracket and collects those inside it (about 2% of the tensor); the exact answer is then read from
+    the sorted bracket. A bracket that misses its rank (or overflows) adds the two radix passes, so
+    the result is always exact.
     """
 
-    passes = 2
+    SAMPLE_MIN = 1 << 18  # smaller tensors: radix passes (a bracket pass would not save much)
+    SAMPLE_MIN_VALUES = 4096  # a sample with fewer finite values brackets nothing
 
     def __init__(self, ranks: list[int], shared: bool = False) -> None:
+        self.passes = 2
+        self.offset = 0  # radix pass p is pass p + offset (1 after a bracket pass that missed)
+        self.bracket: tuple[list[int], list[int]] | None = None
         self.ranks = ranks
         self.shared = shared  # observed from several threads at once (else one thread, in order)
         self.hist_hi = torch.zeros(1 << 15, dtype=torch.int64)
@@ -138,10 +184,71 @@ class RankSelect:
             self._add(1, torch.stack([torch.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16).cpu()
                                       for b in self.bins]))
 
+    # -- sampled bracket (native path) ---------------------------------------------------------
+    def wants_sample(self, n: int) -> bool:
+        return not self.shared and n >= self.SAMPLE_MIN and bool(self.ranks)
+
+    def observe_sample(self, values: torch.Tensor, n: int) -> None:
+        """Bracket each wanted rank of the ``n`` streamed values from a sample of them (float32)."""
+        s = torch.sort(values[torch.isfinite(values)].reshape(-1)).values
+        m = s.numel()
+        if m < self.SAMPLE_MIN_VALUES:
+            return
+        bits = s.view(torch.int32)
+        lo, hi, width = [], [], 0.0
+        for r in self.ranks:
+            q = (r + 0.5) / n
+            d = 6.0 * math.sqrt(q * (1.0 - q) / m) + 16.0 / m  # six standard errors of a sample quantile
+            i_lo, i_hi = math.floor((q - d) * m), math.ceil((q + d) * m)
+            lo.append(0 if i_lo <= 0 else int(bits[i_lo]))
+            hi.append(0x7F800000 if i_hi >= m - 1 else int(bits[i_hi]))  # +inf: nothing above
+            width = max(width, min(1.0, 2 * d + 2.0 / m))
+        self.bracket = (lo, hi)
+        self.cap = min(n, int(2 * width * n) + 4096)  # twice the expected share, then fall back
+        self.counts = torch.zeros(len(lo), 4, dtype=torch.int64)  # above hi, at hi, at lo, strictly inside
+        self.members = [torch.empty(self.cap + 1, dtype=torch.int32) for _ in lo]
+        self.n = n
+        self.passes = 1
+
+    def _end_bracket(self) -> None:
+        assert self.bracket is not None
+        found = []
+        for k, r in enumerate(self.ranks):
+            lo, hi = self.bracket[0][k], self.bracket[1][k]
+            above, at_hi, at_lo, inside = (int(x) for x in self.counts[k])
+            if lo == hi:
+                at_lo = 0  # one value: counted once, as "at hi"
+            below = self.n - above - at_hi - at_lo - inside
+            i = r - below  # the rank within the bracket: at_lo × lo, then the inside ones sorted, then at_hi × hi
+            if inside > self.cap or not 0 <= i < at_lo + inside + at_hi:
+                break
+            if i < at_lo:
+                found.append((lo, below, at_lo))
+            elif i < at_lo + inside:
+                cand = torch.sort(self.members[k][:inside]).values
+                v = cand[i - at_lo]
+                left = int(torch.searchsorted(cand, v, right=False))
+                right = int(torch.searchsorted(cand, v, right=True))
+                found.append((int(v), below + at_lo + left, right - left))
+            else:
+                found.append((hi, below + at_lo + inside, at_hi))
+        self.members = []
+        if len(found) == len(self.ranks):
+            as_float = torch.tensor([f[0] for f in found], dtype=torch.int64).to(torch.int32).view(torch.float32)
+            self.value = [float(v) for v in as_float]
+            self.less = [f[1] for f in found]
+            self.equal = [f[2] for f in found]
+        else:  # a miss: the exact radix passes follow
+            self.offset, self.passes = 1, 3
+
     def observe_native(self, p: int, base: torch.Tensor | None, model: torch.Tensor) -> int:
         """:meth:`observe` of |model − base| for raw blocks, by the native kernels; returns #non-finite inputs."""
         from moerge import native
 
+        if self.bracket is not None:
+            if p == 0:
+                return native.bracket(base, model, *self.bracket, self.counts, self.members)
+            p -= self.offset
         if p == 1 and not self.bins:
             return 0
         if not self.shared:  # the kernels add into the histograms themselves
@@ -158,6 +265,11 @@ class RankSelect:
         return nf
 
     def end_pass(self, p: int) -> None:  # noqa: B027 - optional hook
+        if self.bracket is not None:
+            if p == 0:
+                self._end_bracket()
+                return
+            p -= self.offset
         if p == 0:
             cum = torch.cumsum(self.hist_hi, 0)
             for r in self.ranks:
@@ -184,8 +296,6 @@ class RankWindowMask:
     radix selection), then :meth:`mask` per block in order.
     """
 
-    passes = 2
-
     def __init__(self, n: int, lo: int, hi: int) -> None:
         self.n, self.lo, self.hi = n, lo, hi
         self.empty = hi <= lo  # nothing kept
@@ -197,9 +307,12 @@ class RankWindowMask:
         if hi < n:
             wanted.append(hi - 1)  # rank of the last kept element
         self.select = RankSelect(wanted) if wanted else None
-        self.passes = 2 if self.select else 0
         self.seen_lo_eq = 0
         self.seen_hi_eq = 0
+
+    @property
+    def passes(self) -> int:
+        return self.select.passes if self.select is not None else 0
 
     def observe(self, p: int, values: torch.Tensor) -> None:
         if self.select is not None:

@@ -48,13 +48,36 @@ class Sparsifier:
         spec.mask = native.MASK_NONE
         spec.scale = self.scale
 
+    def sample_wanted(self) -> bool:
+        """Whether a sample of |τ| before the first pass saves passes (see RankSelect)."""
+        return False
+
+    def observe_sample(self, base: torch.Tensor | None, model: torch.Tensor) -> None:
+        pass
+
+
+def _abs_delta(base: torch.Tensor | None, model: torch.Tensor) -> torch.Tensor:
+    m = model.to(torch.float32)
+    return (m - base.to(torch.float32)).abs_() if base is not None else m.abs_()
+
 
 class RankWindowSparsifier(Sparsifier):
     """Keep the entries whose magnitude rank lies in [lo, hi) (exact count; ties by position)."""
 
     def __init__(self, n: int, lo: int, hi: int) -> None:
+        self.n = n
         self.window = RankWindowMask(n, lo, hi)
-        self.passes = self.window.passes
+
+    @property
+    def passes(self) -> int:  # type: ignore[override]
+        return self.window.passes
+
+    def sample_wanted(self) -> bool:
+        return self.window.select is not None and self.window.select.wants_sample(self.n)
+
+    def observe_sample(self, base: torch.Tensor | None, model: torch.Tensor) -> None:
+        assert self.window.select is not None
+        self.window.select.observe_sample(_abs_delta(base, model), self.n)
 
     def observe(self, p: int, start: int, delta: torch.Tensor) -> None:
         self.window.observe(p, delta.abs())
@@ -88,12 +111,23 @@ class ThresholdSparsifier(Sparsifier):
     """Keep |τ| ≥ a threshold: given (from a whole-model pre-pass), or the k-th smallest |τ| of this tensor."""
 
     def __init__(self, n: int, density: float, threshold: float | None) -> None:
+        self.n = n
         self.threshold = threshold
         self.select: RankSelect | None = None
         if threshold is None:
             k = max(n - int(n * density), 1)  # TIES reference: k-th smallest, k = n − ⌊n·density⌋
             self.select = RankSelect([k - 1])
-            self.passes = 2
+
+    @property
+    def passes(self) -> int:  # type: ignore[override]
+        return self.select.passes if self.select is not None else 0
+
+    def sample_wanted(self) -> bool:
+        return self.select is not None and self.select.wants_sample(self.n)
+
+    def observe_sample(self, base: torch.Tensor | None, model: torch.Tensor) -> None:
+        assert self.select is not None
+        self.select.observe_sample(_abs_delta(base, model), self.n)
 
     def observe(self, p: int, start: int, delta: torch.Tensor) -> None:
         if self.select is not None:
@@ -102,7 +136,7 @@ class ThresholdSparsifier(Sparsifier):
     def end_pass(self, p: int) -> None:
         if self.select is not None:
             self.select.end_pass(p)
-            if p == 1:
+            if p == self.select.passes - 1 and self.select.value:
                 self.threshold = self.select.value[0]
 
     def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
@@ -180,14 +214,28 @@ class TaskVectorMerger(TensorMerger):
         self.weight, self.lam, self.sparsifiers = weight, lam, sparsifiers
         self.consensus, self.sign_election = consensus, sign_election
         self.normalize, self.divisor = normalize, divisor
-        self.sparse_passes = max((s.passes for s in sparsifiers), default=0)
         self.needs_majority = consensus is not None and zero_sign == "majority"
-        self.passes = self.sparse_passes + (1 if self.needs_majority else 0)
         self.tie = 1.0
         self.sign_count = 0.0
         self._spec: ctypes.Array[TVModel] | None = None  # native: per-model masks, window counters
 
-    # statistics ----------------------------------------------------------------------------
+    # statistics (a sparsifier may need more passes once it has seen the data: read these afresh)
+    @property
+    def sparse_passes(self) -> int:
+        return max((s.passes for s in self.sparsifiers), default=0)
+
+    @property
+    def passes(self) -> int:  # type: ignore[override]
+        return self.sparse_passes + (1 if self.needs_majority else 0)
+
+    def sample_wanted(self) -> bool:
+        return any(sp.sample_wanted() for sp in self.sparsifiers)
+
+    def observe_sample(self, base, models) -> None:  # noqa: ANN001
+        for sp, m in zip(self.sparsifiers, models):
+            if sp.sample_wanted():
+                sp.observe_sample(base, m)
+
     def observe(self, p: int, start: int, base, models) -> None:  # noqa: ANN001
         if p < self.sparse_passes:
             for sp, m in zip(self.sparsifiers, models):

@@ -63,7 +63,11 @@ def _lib() -> ctypes.CDLL | None:
                             POINTER(c_double)]
     lib.mk_linear_emit.argtypes = [POINTER(c_void_p), POINTER(ctypes.c_int32), c_int, POINTER(c_float), c_int64,
                                    c_float, c_void_p, c_int, i64p]
-    for f in (lib.mk_hist_hi, lib.mk_hist_lo, lib.mk_dare_l1, lib.mk_tv_emit, lib.mk_linear_emit, lib.mk_gram):
+    u32p = POINTER(ctypes.c_uint32)
+    lib.mk_bracket.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, c_int, u32p, u32p, i64p,
+                               POINTER(c_void_p), c_int64]
+    for f in (lib.mk_hist_hi, lib.mk_hist_lo, lib.mk_dare_l1, lib.mk_tv_emit, lib.mk_linear_emit, lib.mk_gram,
+              lib.mk_bracket):
         f.restype = c_int64
     return lib
 
@@ -129,6 +133,19 @@ def hist_hi(base: torch.Tensor | None, model: torch.Tensor, hist: torch.Tensor) 
     """hist (int64[32768]) += histogram of the high half-words of |model − base|; returns #non-finite inputs."""
     return _check(_lib_or_raise().mk_hist_hi(_ptr(base), _dt(base), model.data_ptr(), _dt(model), model.numel(),
                                              ctypes.cast(hist.data_ptr(), POINTER(c_int64))))
+
+
+def bracket(base: torch.Tensor | None, model: torch.Tensor, lo: list[int], hi: list[int], counts: torch.Tensor,
+            outs: list[torch.Tensor]) -> int:
+    """One pass of sampled-bracket selection over |model − base| (float32 bit patterns): for bracket k,
+    ``counts[k]`` (int64[nb, 4]) += (above hi, equal to hi, equal to lo, strictly inside), and the strictly
+    inside ones are appended to ``outs[k]`` (int32, room for cap + 1); the inside count goes on past the cap."""
+    nb = len(lo)
+    cap = min(o.numel() for o in outs) - 1
+    ptrs = (c_void_p * nb)(*[o.data_ptr() for o in outs])
+    return _check(_lib_or_raise().mk_bracket(
+        _ptr(base), _dt(base), model.data_ptr(), _dt(model), model.numel(), nb, (ctypes.c_uint32 * nb)(*lo),
+        (ctypes.c_uint32 * nb)(*hi), ctypes.cast(counts.data_ptr(), POINTER(c_int64)), ptrs, cap))
 
 
 def hist_lo(base: torch.Tensor | None, model: torch.Tensor, bins: list[int], hists: torch.Tensor) -> int:

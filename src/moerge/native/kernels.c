@@ -207,6 +207,51 @@ MULTIVERSION EXPORT int64_t mk_hist_lo(const void *base, int dtb, const void *mo
     return nf;
 }
 
+/* Sampled-bracket selection, one pass: for each of nb brackets [lo[k], hi[k]] of |model − base| bit
+ * patterns, counts[4k..4k+3] += (elements above hi, equal to hi, equal to lo, strictly inside), and
+ * the strictly inside ones are appended to out[k] (room for cap + 1). Bit patterns equal to a bound
+ * are only counted: bf16 task vectors hold long runs of equal magnitudes, which need no sorting.
+ * Past cap nothing more is stored but counting goes on, so the caller sees an overflow. When a
+ * sample put the wanted rank inside the bracket, this one pass replaces both radix passes. */
+MULTIVERSION EXPORT int64_t mk_bracket(const void *base, int dtb, const void *model, int dtm, int64_t n, int nb,
+                                       const uint32_t *lo, const uint32_t *hi, int64_t *counts,
+                                       uint32_t *const *out, int64_t cap) {
+    uint32_t bits[CH];
+    float tmp[CH];
+    int64_t nf = 0;
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH;
+        nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
+        for (int k = 0; k < nb; k++) {
+            const uint32_t l = lo[k], h = hi[k];
+            int32_t above = 0, at_hi = 0, at_lo = 0, m = 0;
+            for (int64_t j = 0; j < len; j++) {
+                above += bits[j] > h;
+                at_hi += bits[j] == h;
+                at_lo += bits[j] == l;
+                m += (bits[j] > l) & (bits[j] < h);
+            }
+            int64_t *cnt = counts + 4 * k;
+            cnt[0] += above;
+            cnt[1] += at_hi;
+            cnt[2] += at_lo;
+            if (m == 0) continue;
+            int64_t got = cnt[3];
+            if (got + m <= cap) { /* branch-free gather: every element is written, members advance */
+                uint32_t *o = out[k];
+                for (int64_t j = 0; j < len; j++) {
+                    o[got] = bits[j];
+                    got += (bits[j] > l) & (bits[j] < h);
+                }
+            } else {
+                got += m;
+            }
+            cnt[3] = got;
+        }
+    }
+    return nf;
+}
+
 /* DARE's L1 rescale statistics: sums[0] += sum |d|, sums[1] += sum |d| over kept entries
  * (double precision, in four interleaved partial sums). */
 MULTIVERSION EXPORT int64_t mk_dare_l1(const void *base, int dtb, const void *model, int dtm, int64_t n,
