@@ -370,3 +370,14 @@ def test_missing_layer_and_wrong_shape_in_statistics(zoo: dict[str, Path], tmp_p
 def test_stats_on_a_data_free_method_are_ignored_with_a_warning(zoo: dict[str, Path], tmp_path: Path) -> None:
     res = api.merge(_recipe(tmp_path, "linear", zoo, "gram"), tmp_path / "out", dry_run=True)
     assert any("linear does not use statistics" in w for w in res.warnings)
+
+
+def test_a_comparison_names_a_statistic_with_method_at_statistic() -> None:
+    from moerge.errors import MoergeError
+    from moerge.evaluation.experiment import method_and_statistic
+
+    assert method_and_statistic("mats") == ("mats", "kfac")
+    assert method_and_statistic("mats@gram") == ("mats", "gram")
+    assert method_and_statistic("ties") == ("ties", None)
+    with pytest.raises(MoergeError, match="ties reads no statistics"):
+        method_and_statistic("ties@gram")

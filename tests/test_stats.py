@@ -120,3 +120,30 @@ def test_stats_errors(tiny: Path, tmp_path: Path) -> None:
         compute_stats(tiny, tmp_path / "g", StatsSettings("gram"), track="decoder", texts=TEXTS)
     with pytest.raises(StatsError, match="needs labelled examples"):
         compute_stats(tiny, tmp_path / "f", StatsSettings("fisher"), track="decoder", texts=TEXTS)
+
+
+@pytest.mark.parametrize("kind,batch", [("gram", 2), ("fisher", 1), ("kfac", 1)])
+def test_interrupted_statistics_resume_from_the_last_save(tiny: Path, tmp_path: Path, kind: str, batch: int) -> None:
+    settings = StatsSettings(kind, batch_size=batch)
+    kw = dict(track="decoder", task="tweets", texts=TEXTS, labels=LABELS)
+    whole = compute_stats(tiny, tmp_path / "whole", settings, **kw)
+
+    def stop_at_3(step: int, total: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # saves after every step (interval 0), stopped at step 3
+        compute_stats(tiny, tmp_path / "s", settings, progress=stop_at_3, save_interval=0.0, **kw)
+    assert not (tmp_path / "s").exists() and (tmp_path / ".s.partial" / "state.json").exists()
+    seen: list[int] = []
+    meta = compute_stats(tiny, tmp_path / "s", settings, progress=lambda k, n: seen.append(k), **kw)
+    assert meta["resumed_at_step"] == 2 and seen[0] == 3  # steps 1-2 were not computed again
+    assert meta["rows"] == whole["rows"] and not (tmp_path / ".s.partial").exists()
+    a, b = _read(tmp_path / "whole"), _read(tmp_path / "s")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+    # a partial run of other settings is not mixed in: it is discarded and the run starts over
+    with pytest.raises(KeyboardInterrupt):
+        compute_stats(tiny, tmp_path / "t", settings, progress=stop_at_3, save_interval=0.0, **kw)
+    other = compute_stats(tiny, tmp_path / "t", StatsSettings(kind, batch_size=batch, max_length=32), **kw)
+    assert other["resumed_at_step"] == 0

@@ -264,7 +264,8 @@ def _number(v: str) -> Any:
 @click.command("compare")
 @_common
 @click.option("--methods", default=None, help="Comma-separated methods (default: every method of the grid: the data-free ones, then "
-              "fisher, regmean and mats, which first compute each expert's statistics once, cached in the zoo).")
+              "fisher, regmean and mats, which first compute each expert's statistics once, cached in the zoo). "
+              "METHOD@STATISTIC picks another statistic, e.g. mats@gram (MaTS with the RegMean objective).")
 @click.option("--grid", type=click.Choice(["full", "small"]), default="full", show_default=True,
               help="Values tried per method on validation (`small` for the slow decoder track).")
 @click.option("--no-curve", is_flag=True, help="Skip merges of 2 … N−1 experts.")
@@ -328,8 +329,9 @@ def stats_cmd(ctx: click.Context, kind: str, model: str, data: str, task: str | 
     gram    input Gram matrix XᵀX/rows of every linear layer (RegMean)
     fisher  diagonal Fisher of every parameter, one example at a time (Fisher merging)
     kfac    K-FAC factors of every linear layer: input Gram and output-gradient Gram (MaTS)
-    Written as safetensors (named after the model's weights) with moerge_stats.json: model hash,
-    data hash, examples, estimator. Example:
+    Written as safetensors (named after the model's weights) with moerge_stats.json: model hash and
+    fingerprint, data hash, examples, estimator. Interrupt at any time: the running sums are saved
+    about once a minute beside --out, and the same command continues from there. Example:
       moerge stats gram ~/.cache/moerge/zoo/decoder/full/bbc --data bbc --out stats/bbc-gram
     """
 

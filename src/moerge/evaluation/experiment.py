@@ -48,7 +48,7 @@ GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
         "model_stock": {},
         "fisher": {},
         "regmean": {"alpha": [0.5, 0.9, 1.0]},
-        "mats": {"init_lambda": [0.3, 0.5, 1.0], "iterations": [10, 100]},
+        "mats": {"init_lambda": [0.3, 1.0], "iterations": [10, 50]},
     },
     "small": {
         "linear": {},
@@ -61,12 +61,22 @@ GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
         "model_stock": {},
         "fisher": {},
         "regmean": {"alpha": [0.5, 0.95]},
-        "mats": {"init_lambda": [0.3, 1.0]},
+        "mats": {"init_lambda": [0.3, 1.0], "iterations": [10]},
     },
 }
 # data-aware methods and the statistics each expert brings (computed once, cached in the zoo)
+# (a comparison may name another statistic for a method as METHOD@STATISTIC, e.g. mats@gram: MaTS with the
+# RegMean objective)
 DATA_AWARE = {"fisher": "fisher", "regmean": "gram", "mats": "kfac"}
 DATA_FREE = [m for m in GRIDS["full"] if m not in DATA_AWARE]
+
+
+def method_and_statistic(spec: str) -> tuple[str, str | None]:
+    """'mats@gram' -> ('mats', 'gram'); 'regmean' -> ('regmean', 'gram'); 'ties' -> ('ties', None)."""
+    method, _, stat = spec.partition("@")
+    if stat and method not in DATA_AWARE:
+        raise TaskError(f"{spec!r}: {method} reads no statistics")
+    return method, (stat or DATA_AWARE.get(method))
 CURVE_METHODS = ("linear", "task_arithmetic", "ties")
 
 Log = Callable[[str], None]
@@ -146,10 +156,11 @@ class Experiment:
         path.write_text(json.dumps(rec, indent=1, sort_keys=True))
 
     # -- merging -------------------------------------------------------------------------------
-    def recipe(self, method: str, params: dict[str, Any], experts: list[str]) -> dict[str, Any]:
+    def recipe(self, spec: str, params: dict[str, Any], experts: list[str]) -> dict[str, Any]:
+        method, stat = method_and_statistic(spec)
         models: list[Any] = [str(expert_dir(self.zoo, self.track, self.kind, t)) for t in experts]
-        if method in DATA_AWARE:
-            models = [{"model": m, "stats": str(self.stats(t, DATA_AWARE[method]))} for m, t in zip(models, experts)]
+        if stat is not None:
+            models = [{"model": m, "stats": str(self.stats(t, stat))} for m, t in zip(models, experts)]
         return {"method": method, "base_model": str(pretrained_dir(self.zoo, self.track)),
                 "models": models, "parameters": dict(params), "seed": self.seed}
 
@@ -168,13 +179,14 @@ class Experiment:
                 raise RuntimeError(f"moerge stats failed ({log}): {' '.join(tail)}")
         return out
 
-    def stats_cost(self, method: str, experts: list[str]) -> dict[str, Any]:
+    def stats_cost(self, spec: str, experts: list[str]) -> dict[str, Any]:
         """What the statistics of a data-aware merge cost (computing them, once per expert)."""
-        if method not in DATA_AWARE:
+        _, stat = method_and_statistic(spec)
+        if stat is None:
             return {}
-        metas = [json.loads((self.stats(t, DATA_AWARE[method]) / "moerge_stats.json").read_text()) for t in experts]
+        metas = [json.loads((self.stats(t, stat) / "moerge_stats.json").read_text()) for t in experts]
         return {"stats_seconds": round(sum(m["seconds"] for m in metas), 1),
-                "stats_examples": sum(m["examples"] for m in metas), "stats_kind": DATA_AWARE[method]}
+                "stats_examples": sum(m["examples"] for m in metas), "stats_kind": stat}
 
     def merge(self, recipe: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
         """Run ``moerge merge`` in its own process; returns (output, its wall time, CPU time, peak RSS and peak
@@ -241,7 +253,7 @@ class Experiment:
         out = self.baselines()
         chosen = {}
         for m in methods:
-            params, _ = self.sweep(m, grids.get(m, {}))
+            params, _ = self.sweep(m, grids.get(m, grids.get(method_and_statistic(m)[0], {})))
             chosen[m] = params
             out.append(self.merged_record(m, params, list(self.s.held_in), "test"))
             self.log("test " + _line(out[-1]))

@@ -27,12 +27,14 @@ from moerge.methods.statistics import ALPHA, RIDGE, STATS_WEIGHT, AverageMerger,
 def regularised_system(grams: list[torch.Tensor], weight: list[float], alpha: float, ridge: float,
                        what: str, notes: dict[str, Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(cᵢ·G̃ᵢ in float64, the Cholesky factor of Σ cᵢG̃ᵢ + ρI); records the conditioning in ``notes``."""
-    shrunk = [shrink(g.double(), alpha) * c for g, c in zip(grams, weight)]
-    total = torch.stack(shrunk).sum(0)
-    rho = ridge * float(total.diagonal().mean())
-    system = total.clone()
+    shrunk = [shrink(g.double(), alpha).mul_(c) for g, c in zip(grams, weight)]
+    system = torch.zeros_like(shrunk[0])
+    for g in shrunk:  # summed in place: one extra in × in matrix, not a stack of them
+        system.add_(g)
+    rho = ridge * float(system.diagonal().mean())
     system.diagonal().add_(rho)
     factor, info = torch.linalg.cholesky_ex(system)
+    del system
     if int(info) != 0:
         raise ValueError(
             f"the sum of the models' Gram matrices ({what}) is singular or not positive definite even "
@@ -55,8 +57,11 @@ class RegMeanMerger(TensorMerger):
         if any(g.shape != (shape[1], shape[1]) for g in grams):
             raise ValueError(f"its Gram matrices should be {shape[1]}×{shape[1]}, got {list(grams[0].shape)}")
         shrunk, factor = regularised_system(grams, weight, alpha, ridge, name, notes)
-        # Pᵢ = (A⁻¹ cᵢG̃ᵢ)ᵀ with A symmetric: the output rows are Σᵢ Wᵢ[rows] Pᵢ
-        self.proj = [torch.cholesky_solve(g, factor).T.to(torch.float32).contiguous() for g in shrunk]
+        del grams
+        # Pᵢ = (A⁻¹ cᵢG̃ᵢ)ᵀ with A symmetric: the output rows are Σᵢ Wᵢ[rows] Pᵢ (each cᵢG̃ᵢ freed once used)
+        self.proj = []
+        while shrunk:
+            self.proj.append(torch.cholesky_solve(shrunk.pop(0), factor).T.to(torch.float32).contiguous())
         self.cols = shape[1]
         notes["solved_layers"] = notes.get("solved_layers", 0) + 1
 

@@ -53,6 +53,67 @@ class StatsSettings:
     seed: int = 0
 
 
+class _Steps:
+    """Progress and resumption of a statistics loop. The running sums are saved (at most once per
+    ``interval`` seconds) into a hidden folder beside the output; a later run with the same model
+    fingerprint, data hash and settings continues from the last save instead of starting over. Each
+    save is a new file named by its step, made current by renaming the state file, so an interrupted
+    save never corrupts the previous one."""
+
+    def __init__(self, out: Path, key: dict[str, Any], progress: Callable[[int, int], None] | None,
+                 interval: float = 60.0) -> None:
+        self.dir = out.parent / f".{out.name}.partial"
+        self.key, self.progress, self.interval = key, progress, interval
+        self.last = time.monotonic()
+        self.resumed = 0
+
+    def start(self, acc: dict[str, torch.Tensor], counters: dict[str, Any]) -> int:
+        """Load the last save into ``acc`` and ``counters`` (in place); return the step to start at."""
+        from safetensors.torch import load_file
+
+        state_path = self.dir / "state.json"
+        try:
+            state = json.loads(state_path.read_text())
+            if state["key"] != self.key:
+                raise ValueError("made by another model, data or settings")
+            saved = load_file(str(self.dir / state["file"]))
+            for name, value in acc.items():
+                value.copy_(saved[name])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, RuntimeError):
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)  # unusable: start over
+            return 0
+        counters.update(state["counters"])
+        self.resumed = int(state["step"])
+        return self.resumed
+
+    def done(self, step: int, total: int, acc: dict[str, torch.Tensor], counters: dict[str, Any]) -> None:
+        """Step ``step`` of ``total`` is finished."""
+        if self.progress:
+            self.progress(step, total)
+        if step < total and time.monotonic() - self.last >= self.interval:
+            from safetensors.torch import save_file
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = f"sums-{step}.safetensors"
+            save_file({k: v.contiguous() for k, v in acc.items()}, str(self.dir / name))
+            tmp = self.dir / "state.json.tmp"
+            tmp.write_text(json.dumps({"key": self.key, "step": step, "file": name, "counters": counters}))
+            tmp.replace(self.dir / "state.json")
+            for old in self.dir.glob("sums-*.safetensors"):
+                if old.name != name:
+                    old.unlink()
+            self.last = time.monotonic()
+
+    def finish(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def _linear_modules(model: Any, names: set[str]) -> dict[str, torch.nn.Linear]:
     """Linear layers whose weight is a tensor of the checkpoint (tied copies are skipped)."""
     return {n: m for n, m in model.named_modules()
@@ -79,7 +140,8 @@ class _Batch:
 
 def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSettings, *, track: str,
                   task: str | None = None, texts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
-                  force: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                  force: bool = False, progress: Callable[[int, int], None] | None = None,
+                  save_interval: float = 60.0) -> dict[str, Any]:
     """Compute ``settings.kind`` statistics of one model over a task's train split (or given texts)."""
     from moerge.evaluation.evaluate import files_hash, load_model
     from moerge.evaluation.tasks import Example, content_hash, get_task, make_splits
@@ -126,12 +188,14 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
 
         label_tokens = [ids[0] for ids in label_ids(tok, t.words)]
     t0 = time.perf_counter()
+    steps = _Steps(out, {"kind": settings.kind, "settings": settings.__dict__, "model": fingerprint,
+                         "data": data_hash, "track": track}, progress, save_interval)
     if settings.kind == "gram":
-        acc, rows = _gram(model, tok, track, t, texts, settings, names, progress)
+        acc, rows = _gram(model, tok, track, t, texts, settings, names, steps)
     elif settings.kind == "fisher":
-        acc, rows = _fisher(model, tok, track, t, texts, labels, settings, names, head, label_tokens, progress)
+        acc, rows = _fisher(model, tok, track, t, texts, labels, settings, names, head, label_tokens, steps)
     else:
-        acc, rows = _kfac(model, tok, track, t, texts, labels, settings, names, head, label_tokens, progress)
+        acc, rows = _kfac(model, tok, track, t, texts, labels, settings, names, head, label_tokens, steps)
     seconds = time.perf_counter() - t0
     tensors = [(n, "float32", tuple(v.shape)) for n, v in acc.items()]
     norm = None
@@ -143,12 +207,14 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
         "model_fingerprint": fingerprint, "track": track,
         "task": t.name if t else None, "data_hash": data_hash, "examples": len(texts), "rows": rows,
         "settings": settings.__dict__, "seconds": round(seconds, 1), "tensors": len(tensors),
+        "resumed_at_step": steps.resumed,
     }
     with ModelWriter(out, tensors, force=force, metadata={"format": "pt", "moerge_stats": settings.kind}) as w:
         for n, v in acc.items():
             w.write(n, v.contiguous())
         w.write_text(STATS_META, json.dumps(meta, indent=1))
         w.commit()
+    steps.finish()
     return meta
 
 
@@ -165,7 +231,7 @@ def _examples_in_batches(n: int, size: int) -> list[range]:
 
 
 def _gram(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], s: StatsSettings, names: set[str],
-          progress: Callable[[int, int], None] | None) -> tuple[dict[str, torch.Tensor], int]:
+          steps: _Steps) -> tuple[dict[str, torch.Tensor], int]:
     mods = _linear_modules(model, names)
     acc = {f"{n}.weight": torch.zeros(m.in_features, m.in_features) for n, m in mods.items()}
     rows = {k: 0 for k in acc}
@@ -188,13 +254,15 @@ def _gram(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], s: 
     try:
         model.eval()
         batches = _examples_in_batches(len(texts), s.batch_size)
+        first = steps.start(acc, rows)
         with torch.no_grad():
             for k, idx in enumerate(batches):
+                if k < first:
+                    continue
                 b = _Batch(model, tok, track, task, [texts[i] for i in idx], s.max_length)
                 state["mask"], state["seen"] = b.mask, {}
                 model(**b.inputs)
-                if progress:
-                    progress(k + 1, len(batches))
+                steps.done(k + 1, len(batches), acc, rows)
     finally:
         for h in handles:
             h.remove()
@@ -225,13 +293,16 @@ def _label_weights(logp: torch.Tensor, label: int, estimator: str) -> list[tuple
 
 def _fisher(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], labels: Sequence[int],
             s: StatsSettings, names: set[str], head: Any, label_tokens: list[int] | None,
-            progress: Callable[[int, int], None] | None) -> tuple[dict[str, torch.Tensor], int]:
+            steps: _Steps) -> tuple[dict[str, torch.Tensor], int]:
     params = {n: p for n, p in model.named_parameters() if n in names}
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     model.eval()
+    first = steps.start(acc, {})
     for i, (text, label) in enumerate(zip(texts, labels)):
+        if i < first:
+            continue
         b = _Batch(model, tok, track, task, [text], s.max_length)
         logp = _log_probs(model, b, head, label_tokens)
         pairs = _label_weights(logp, label, s.estimator)
@@ -241,8 +312,7 @@ def _fisher(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], l
             for (n, _), g in zip(params.items(), grads):
                 if g is not None:
                     acc[n].add_(g.float().square(), alpha=w)
-        if progress:
-            progress(i + 1, len(texts))
+        steps.done(i + 1, len(texts), acc, {})
     for v in acc.values():
         v /= max(1, len(texts))
     return acc, len(texts)
@@ -250,7 +320,7 @@ def _fisher(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], l
 
 def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], labels: Sequence[int],
           s: StatsSettings, names: set[str], head: Any, label_tokens: list[int] | None,
-          progress: Callable[[int, int], None] | None) -> tuple[dict[str, torch.Tensor], int]:
+          steps: _Steps) -> tuple[dict[str, torch.Tensor], int]:
     mods = _linear_modules(model, names)
     acc: dict[str, torch.Tensor] = {}
     for n, m in mods.items():
@@ -269,10 +339,13 @@ def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], lab
         return fn
 
     handles = [m.register_forward_hook(fwd(f"{n}.weight")) for n, m in mods.items()]
-    tokens = 0
+    count = {"tokens": 0}
     try:
         model.eval()
+        first = steps.start(acc, count)
         for i, (text, label) in enumerate(zip(texts, labels)):
+            if i < first:
+                continue
             b = _Batch(model, tok, track, task, [text], s.max_length)
             state["mask"] = b.mask
             with torch.enable_grad():
@@ -282,7 +355,7 @@ def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], lab
                 pairs = _label_weights(logp, label, s.estimator)
                 for name, x in saved.items():
                     acc[f"{name}::in"].addmm_(x.T, x)
-                tokens += int(b.mask.sum())
+                count["tokens"] += int(b.mask.sum())
                 for j, (y, w) in enumerate(pairs):
                     state["grads"] = {}
                     logp[y].backward(retain_graph=j < len(pairs) - 1)
@@ -291,11 +364,11 @@ def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], lab
                         acc[f"{name}::out"].addmm_(g.T, g, alpha=w)
                 emb.weight.requires_grad_(False)
                 emb.weight.grad = None
-            if progress:
-                progress(i + 1, len(texts))
+            steps.done(i + 1, len(texts), acc, count)
     finally:
         for h in handles:
             h.remove()
+    tokens = count["tokens"]
     for k in acc:
         acc[k] /= max(1, tokens) if k.endswith("::in") else max(1, len(texts))
     return acc, tokens
