@@ -13,15 +13,22 @@ import yaml
 
 from conftest import recipe
 
-# Runs the real CLI with each tensor's computation slowed down, so we can stop it mid-merge.
+# Runs the real CLI with each tensor's computation and each write slowed down, so we can stop it
+# mid-merge (slow writes keep it mid-merge even when a busy machine lets the workers run far ahead).
 SLOW_CLI = """
 import sys, time
 import moerge.execute as ex
+import moerge.io.writer as wr
 real = ex._merge_item
 def slow(*a, **k):
     time.sleep(0.15)
     return real(*a, **k)
 ex._merge_item = slow
+real_write = wr.ModelWriter.write
+def slow_write(self, *a, **k):
+    time.sleep(0.05)
+    return real_write(self, *a, **k)
+wr.ModelWriter.write = slow_write
 from moerge.cli import main
 sys.argv = ["moerge"] + sys.argv[1:]
 main()
