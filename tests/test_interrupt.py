@@ -13,10 +13,12 @@ import yaml
 
 from conftest import recipe
 
-# Runs the real CLI with each tensor's computation and each write slowed down, so we can stop it
-# mid-merge (slow writes keep it mid-merge even when a busy machine lets the workers run far ahead).
+# Runs the real CLI with each tensor's computation and each write slowed down, so we can stop it mid-merge.
 SLOW_CLI = """
-import sys, time
+import signal, sys, time
+# a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt
+# handler; restore it, so the test behaves the same however pytest was launched
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import moerge.execute as ex
 import moerge.io.writer as wr
 real = ex._merge_item
