@@ -19,7 +19,7 @@ import torch
 
 from moerge.methods.base import Param, register
 from moerge.methods.blocks import TensorMerger
-from moerge.methods.statistics import STATS_WEIGHT, AverageMerger, StatsSource
+from moerge.methods.statistics import STATS_WEIGHT, StatsSource, average
 
 
 class FisherMerger(TensorMerger):
@@ -68,6 +68,6 @@ def fisher(shape: tuple[int, ...], *, weight: list[float], normalize: bool, epsi
            stats: StatsSource | None = None, notes: dict[str, Any] | None = None) -> TensorMerger:
     """θ* = Σ cᵢ(Fᵢ+ε)θᵢ / Σ cᵢ(Fᵢ+ε)."""
     if stats is None:
-        return AverageMerger(weight, notes, "averaged_tensors")
+        return average(weight, notes)
     norms = [stats.norm(k) for k in range(len(weight))] if normalize else None
     return FisherMerger(fisher_coefficients(weight, norms), epsilon, stats)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from moerge.methods.base import Param, register
-from moerge.methods.statistics import ALPHA, RIDGE, STATS_WEIGHT, AverageMerger, StatsSource, WholeTensorMerger, shrink
+from moerge.methods.statistics import ALPHA, RIDGE, STATS_WEIGHT, StatsSource, WholeTensorMerger, average, shrink
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -166,6 +166,6 @@ def mats(shape: tuple[int, ...], *, weight: list[float], init: str, init_lambda:
     """Conjugate gradient on Σ cᵢCᵢ(W) = Σ cᵢCᵢ(Wᵢ) for linear weights with statistics; averages the rest."""
     notes = notes if notes is not None else {}
     if stats is None:
-        return AverageMerger(weight, notes, "averaged_tensors")
+        return average(weight, notes)
     return MatsMerger(shape, weight, alpha, ridge, init, init_lambda, tolerance, iterations, stats, name, notes,
                       precision)

@@ -21,7 +21,7 @@ import torch
 
 from moerge.methods.base import register
 from moerge.methods.blocks import TensorMerger
-from moerge.methods.statistics import ALPHA, RIDGE, STATS_WEIGHT, AverageMerger, StatsSource, shrink
+from moerge.methods.statistics import ALPHA, RIDGE, STATS_WEIGHT, StatsSource, average, shrink
 
 
 def regularised_system(grams: list[torch.Tensor], weight: list[float], alpha: float, ridge: float,
@@ -88,5 +88,5 @@ def regmean(shape: tuple[int, ...], *, weight: list[float], alpha: float, ridge:
     """W* = (Σ cᵢWᵢG̃ᵢ)(Σ cᵢG̃ᵢ + ρI)⁻¹ for linear weights with statistics; Σ cᵢθᵢ/Σ cᵢ for the rest."""
     notes = notes if notes is not None else {}
     if stats is None:
-        return AverageMerger(weight, notes, "averaged_tensors")
+        return average(weight, notes)
     return RegMeanMerger(shape, weight, alpha, ridge, stats, name, notes)

@@ -11,6 +11,8 @@ are averaged.
 
 from __future__ import annotations
 
+import math
+from abc import abstractmethod
 from typing import Protocol
 
 import torch
@@ -63,20 +65,14 @@ def shrink(m: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-class AverageMerger(TensorMerger):
-    """Σ cᵢθᵢ / Σ cᵢ: the rule for tensors that have no statistics."""
+def average(weight: list[float], notes: dict | None) -> TensorMerger:
+    """Σ cᵢθᵢ / Σ cᵢ (the linear merge, native kernels included): the rule for tensors without
+    statistics, counted in ``notes["averaged_tensors"]``."""
+    from moerge.methods.linear import LinearMerger
 
-    def __init__(self, weight: list[float], notes: dict | None = None, key: str = "") -> None:
-        self.weight = weight
-        self.total = sum(weight)
-        if notes is not None and key:
-            notes[key] = notes.get(key, 0) + 1
-
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
-        out = torch.zeros_like(models[0])
-        for w, m in zip(self.weight, models):
-            out.add_(m, alpha=w / self.total)
-        return out
+    if notes is not None:
+        notes["averaged_tensors"] = notes.get("averaged_tensors", 0) + 1
+    return LinearMerger(weight, normalize=True)
 
 
 class WholeTensorMerger(TensorMerger):
@@ -94,7 +90,7 @@ class WholeTensorMerger(TensorMerger):
 
     def observe(self, p, start, base, models) -> None:  # noqa: ANN001
         if not self.models:
-            numel = int(torch.tensor(self.shape).prod()) if self.shape else 1
+            numel = math.prod(self.shape)
             self.models = [torch.empty(numel, dtype=models[0].dtype, device=models[0].device) for _ in models]
             if base is not None:
                 self.base = torch.empty(numel, dtype=base.dtype, device=base.device)
@@ -110,8 +106,9 @@ class WholeTensorMerger(TensorMerger):
         self.result = self.solve(base, shaped).reshape(-1).to(torch.float32)
         self.models, self.base = [], None
 
+    @abstractmethod
     def solve(self, base: torch.Tensor | None, models: list[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The merged tensor from whole, shaped inputs (float32)."""
 
     def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
         assert self.result is not None
