@@ -217,3 +217,40 @@ def test_a_bracket_that_misses_falls_back_to_exact_radix_passes():
     plain = (base + 0.01 * torch.randn(n, generator=g))
     run_whole(hit, base, [plain, plain * 1.001], native=True)
     assert all(sp.passes == 1 for sp in hit.sparsifiers)  # a representative sample: one pass
+
+
+def test_merge_samples_every_run_of_a_large_tensor(tmp_path, monkeypatch):
+    # The executor reads the sample run by run into reused buffers; each run must be copied before
+    # the next read, or the sample is one run repeated and brackets miss (a slow fallback, not wrong).
+    from safetensors.torch import save_file
+
+    from moerge.methods.blocks import RankSelect
+
+    g = torch.Generator().manual_seed(3)
+    shape = (640, 512)  # 327,680 elements: above RankSelect.SAMPLE_MIN
+    base = {f"layer{i}.weight": torch.randn(shape, generator=g) for i in range(4)}
+    paths = []
+    for k, name in enumerate(["base", "ft1", "ft2"]):
+        d = tmp_path / name
+        d.mkdir()
+        # row-structured deltas: a sample of one run would miss the spread of the whole tensor
+        scale = torch.linspace(0.1, 3.0, shape[0]).unsqueeze(1)
+        t = base if k == 0 else {n: v + scale * torch.randn(shape, generator=g) for n, v in base.items()}
+        save_file(t, str(d / "model.safetensors"))
+        paths.append(d)
+    outcomes = []
+    end = RankSelect._end_bracket
+
+    def spy(self):
+        end(self)
+        outcomes.append(self.offset)
+
+    monkeypatch.setattr(RankSelect, "_end_bracket", spy)
+    r = recipe("breadcrumbs", paths[0], paths[1:], params={"density": 0.9, "gamma": 0.01}, dtype="float32")
+    moerge.merge(r, tmp_path / "native")
+    assert len(outcomes) == 8 and not any(outcomes)  # every bracket took one pass
+    with native.disabled():
+        moerge.merge(r, tmp_path / "torch")
+    a, b = load_tensors(tmp_path / "native"), load_tensors(tmp_path / "torch")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-6, msg=name)

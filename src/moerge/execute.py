@@ -163,9 +163,12 @@ class _Reader:
     def sample(self, inp: _Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """The same evenly spread runs of elements of every input (raw dtype, CPU), concatenated."""
         runs = sample_positions(inp.numel)
-        parts = [self.raw_blocks(inp, s, e) for s, e in runs]  # (small copies: the read slots are reused)
-        base = torch.cat([b.clone() for b, _ in parts]) if parts[0][0] is not None else None
-        models = [torch.cat([ms[k].clone() for _, ms in parts]) for k in range(len(parts[0][1]))]
+        parts = []
+        for s, e in runs:  # copy each run at once: the next read reuses this thread's read slots
+            b, ms = self.raw_blocks(inp, s, e)
+            parts.append((b.clone() if b is not None else None, [m.clone() for m in ms]))
+        base = torch.cat([b for b, _ in parts]) if parts[0][0] is not None else None
+        models = [torch.cat([ms[k] for _, ms in parts]) for k in range(len(parts[0][1]))]
         return base, models
 
     def checked(self, nonfinite: int, inp: _Inputs, s: int, e: int) -> None:

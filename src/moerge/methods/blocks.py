@@ -195,16 +195,25 @@ class RankSelect:
         if m < self.SAMPLE_MIN_VALUES:
             return
         bits = s.view(torch.int32)
-        lo, hi, width = [], [], 0.0
+        lo, hi, share = [], [], 0
         for r in self.ranks:
             q = (r + 0.5) / n
             d = 6.0 * math.sqrt(q * (1.0 - q) / m) + 16.0 / m  # six standard errors of a sample quantile
             i_lo, i_hi = math.floor((q - d) * m), math.ceil((q + d) * m)
+            # Widen each bound to the next distinct sample value outside it. Quantised magnitudes (bf16
+            # task vectors) come in long runs of one value; a bracket inside such a run would have no
+            # margin at all, and a rank just beside the run would miss.
+            if i_lo > 0:
+                i_lo = int(torch.searchsorted(bits, bits[min(i_lo, m - 1)], right=False)) - 1
+            if i_hi < m - 1:
+                i_hi = int(torch.searchsorted(bits, bits[max(i_hi, 0)], right=True))
             lo.append(0 if i_lo <= 0 else int(bits[i_lo]))
             hi.append(0x7F800000 if i_hi >= m - 1 else int(bits[i_hi]))  # +inf: nothing above
-            width = max(width, min(1.0, 2 * d + 2.0 / m))
+            # sample values strictly inside: what the pass will gather, in proportion
+            share = max(share, int(torch.searchsorted(bits, hi[-1], right=False))
+                        - int(torch.searchsorted(bits, lo[-1], right=True)))
         self.bracket = (lo, hi)
-        self.cap = min(n, int(2 * width * n) + 4096)  # twice the expected share, then fall back
+        self.cap = min(n, int(2 * n * share / m) + 4096)  # twice the expected share, then fall back
         self.counts = torch.zeros(len(lo), 4, dtype=torch.int64)  # above hi, at hi, at lo, strictly inside
         self.members = [torch.empty(self.cap + 1, dtype=torch.int32) for _ in lo]
         self.n = n
