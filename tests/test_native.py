@@ -254,3 +254,27 @@ def test_merge_samples_every_run_of_a_large_tensor(tmp_path, monkeypatch):
     a, b = load_tensors(tmp_path / "native"), load_tensors(tmp_path / "torch")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("block", [7, 64, 5000])
+def test_dare_l1_keep_bits_reused_by_the_emit_pass(method, block, monkeypatch):
+    # mergekit's L1 rescale needs a statistics pass; the emit pass reuses its keep bits instead of
+    # hashing again, and must give the very same mask (blocks not a multiple of 8 included)
+    from moerge.methods.consensus import DropSparsifier
+
+    base, models = _inputs(37, 53, 3, 11, False, torch.bfloat16)
+    used = []
+    block_done = DropSparsifier.block_done
+
+    def spy(self, start):
+        used.append(start in self.bits)
+        block_done(self, start)
+
+    monkeypatch.setattr(DropSparsifier, "block_done", spy)
+    kw = {"density": [0.3, 0.5, 0.7], "weight": [1.0, 0.5, 2.0]}
+    ref = run(method, base.float(), [m.float() for m in models], conventions="mergekit", seed=4, native=False, **kw)
+    got = run(method, base, models, conventions="mergekit", seed=4, native=True, block=block,
+              out_dtype=torch.float32, **kw)
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+    assert used and all(used)  # every emitted block found its bits

@@ -37,6 +37,7 @@ class TVModel(ctypes.Structure):
         ("seed", c_int64), ("t24", c_int64),
         ("weight", c_double), ("scale", c_double), ("vote_weight", c_double), ("sign", c_double),
         ("div_weight", c_double), ("lo", c_double), ("hi", c_double),
+        ("keep_bits", c_void_p),
     ]
 
 
@@ -55,7 +56,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.mk_hist_hi.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, i64p]
     lib.mk_hist_lo.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, c_int, POINTER(ctypes.c_int32), i64p]
     lib.mk_dare_l1.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, c_int64, c_uint64, c_uint32,
-                               POINTER(c_double)]
+                               POINTER(c_double), c_void_p]
     lib.mk_tv_emit.argtypes = [c_void_p, c_int, POINTER(c_void_p), POINTER(ctypes.c_int32), c_int,
                                POINTER(TVModel), c_int64, c_int64, c_int, c_float, c_float, c_int, c_float,
                                c_void_p, c_int, i64p, POINTER(c_double)]
@@ -155,11 +156,15 @@ def hist_lo(base: torch.Tensor | None, model: torch.Tensor, bins: list[int], his
                                              len(bins), arr, ctypes.cast(hists.data_ptr(), POINTER(c_int64))))
 
 
-def dare_l1(base: torch.Tensor, model: torch.Tensor, start: int, seed: int, density: float) -> tuple[float, float, int]:
-    """(Σ|τ|, Σ|τ| over kept entries, #non-finite inputs) of one block."""
+def dare_l1(base: torch.Tensor, model: torch.Tensor, start: int, seed: int, density: float,
+            bits: torch.Tensor | None = None) -> tuple[float, float, int]:
+    """(Σ|τ|, Σ|τ| over kept entries, #non-finite inputs) of one block. With ``bits`` (uint8, at least
+    ⌈n/8⌉), the block's keep decisions are stored there too, bit t of byte g for element 8g+t."""
+    if bits is not None and bits.numel() < (model.numel() + 7) // 8:
+        raise ValueError("dare_l1: bits buffer too small")
     sums = (c_double * 2)(0.0, 0.0)
     nf = _check(_lib_or_raise().mk_dare_l1(base.data_ptr(), _dt(base), model.data_ptr(), _dt(model), model.numel(),
-                                           start, seed, t24(density), sums))
+                                           start, seed, t24(density), sums, _ptr(bits)))
     return sums[0], sums[1], nf
 
 

@@ -31,6 +31,8 @@
 enum { DT_F32 = 0, DT_BF16 = 1 };
 typedef float v4f __attribute__((vector_size(16)));
 typedef double v4d __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 enum { MASK_NONE = 0, MASK_THRESHOLD = 1, MASK_WINDOW = 2, MASK_BERNOULLI = 3, MASK_DROP_ALL = 4 };
 enum { COMBINE_SUM = 0, COMBINE_CONSENSUS_SUM = 1, COMBINE_CONSENSUS_COUNT = 2 };
 
@@ -110,6 +112,32 @@ INLINE void keep_mask(float *restrict keep, int64_t off, int64_t len, uint64_t s
         uint32_t lo = lo0 + (uint32_t)j;
         keep[j] = keep_bit(lo, hi0 + (lo < lo0), s0, s1, t24) ? 1.0f : 0.0f;
     }
+}
+
+/* Keep decisions as bits (bit t of byte g is element 8g+t), so a second pass need not hash again. */
+INLINE void pack_bits(uint8_t *restrict bits, const float *restrict keep, int64_t len) {
+    int64_t g = 0;
+    for (; 8 * g + 8 <= len; g++) {
+        uint32_t v = 0;
+        for (int t = 0; t < 8; t++) v |= (uint32_t)(keep[8 * g + t] != 0.0f) << t;
+        bits[g] = (uint8_t)v;
+    }
+    if (8 * g < len) {
+        uint32_t v = 0;
+        for (int t = 0; 8 * g + t < len; t++) v |= (uint32_t)(keep[8 * g + t] != 0.0f) << t;
+        bits[g] = (uint8_t)v;
+    }
+}
+
+INLINE void unpack_bits(float *restrict keep, const uint8_t *restrict bits, int64_t len) {
+    const v8i shift = {0, 1, 2, 3, 4, 5, 6, 7};
+    int64_t g = 0;
+    for (; 8 * g + 8 <= len; g++) { /* one byte to eight 0/1 floats: broadcast, shift, mask, convert */
+        v8i v = (v8i){0} + (int32_t)bits[g];
+        v8f f = __builtin_convertvector((v >> shift) & 1, v8f);
+        memcpy(keep + 8 * g, &f, sizeof f);
+    }
+    for (int64_t j = 8 * g; j < len; j++) keep[j] = (float)((bits[j >> 3] >> (j & 7)) & 1u);
 }
 
 MULTIVERSION EXPORT void mk_bernoulli(int64_t start, int64_t n, uint64_t seed, uint32_t t24, uint8_t *out) {
@@ -253,19 +281,21 @@ MULTIVERSION EXPORT int64_t mk_bracket(const void *base, int dtb, const void *mo
 }
 
 /* DARE's L1 rescale statistics: sums[0] += sum |d|, sums[1] += sum |d| over kept entries
- * (double precision, in four interleaved partial sums). */
+ * (double precision, in four interleaved partial sums). With ``bits``, the keep decisions of the block
+ * are stored there too (ceil(n/8) bytes), for mk_tv_emit. */
 MULTIVERSION EXPORT int64_t mk_dare_l1(const void *base, int dtb, const void *model, int dtm, int64_t n,
-                                       int64_t start, uint64_t seed, uint32_t t24, double *sums) {
-    uint32_t bits[CH];
+                                       int64_t start, uint64_t seed, uint32_t t24, double *sums, uint8_t *bits) {
+    uint32_t abits[CH];
     float tmp[CH], keep[CH];
     int64_t nf = 0;
     v4d all = {0, 0, 0, 0}, kept = {0, 0, 0, 0};
     double all_tail = 0.0, kept_tail = 0.0;
     for (int64_t c = 0; c < n; c += CH) {
         int64_t len = n - c < CH ? n - c : CH;
-        nf += abs_delta_bits(bits, tmp, base, dtb, model, dtm, c, len);
+        nf += abs_delta_bits(abits, tmp, base, dtb, model, dtm, c, len);
         keep_mask(keep, start + c, len, seed, t24);
-        for (int64_t j = 0; j < len; j++) tmp[j] = u2f(bits[j]);
+        if (bits != NULL) pack_bits(bits + c / 8, keep, len); /* c is a multiple of CH, so of 8 */
+        for (int64_t j = 0; j < len; j++) tmp[j] = u2f(abits[j]);
         int64_t j = 0;
         for (; j + 4 <= len; j += 4) {
             v4f x, k;
@@ -299,6 +329,7 @@ typedef struct {
     double div_weight;  /* what an agreeing model adds to the divisor */
     double lo;          /* threshold (MASK_THRESHOLD) or lower boundary value (MASK_WINDOW) */
     double hi;          /* upper boundary value (MASK_WINDOW) */
+    const uint8_t *keep_bits; /* bernoulli: this block's keep bits from mk_dare_l1, or NULL (hash again) */
 } tv_model;
 
 /* Window mask on one chunk, in order: rank ties at a boundary value are broken by position
@@ -337,8 +368,9 @@ INLINE void window_mask(float *restrict d, const float *restrict a, int64_t len,
 }
 
 /* Sparsify one model's task vector d (= model - base) of a chunk in place: mask, then rescale.
- * ``a`` is scratch for the magnitudes; ``off`` the chunk's first element index in the tensor. */
-INLINE void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t len, tv_model *m) {
+ * ``a`` is scratch for the magnitudes; ``off`` the chunk's first element index in the tensor, ``rel`` in the
+ * block. */
+INLINE void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t rel, int64_t len, tv_model *m) {
     if (m->mask == MASK_THRESHOLD) {
         float t = (float)m->lo;
         for (int64_t j = 0; j < len; j++) d[j] = fabsf(d[j]) >= t ? d[j] : 0.0f;
@@ -348,7 +380,10 @@ INLINE void sparsify(float *restrict d, float *restrict a, int64_t off, int64_t 
     } else if (m->mask == MASK_DROP_ALL) {
         for (int64_t j = 0; j < len; j++) d[j] = 0.0f;
     } else if (m->mask == MASK_BERNOULLI) {
-        keep_mask(a, off, len, (uint64_t)m->seed, (uint32_t)m->t24);
+        if (m->keep_bits != NULL)
+            unpack_bits(a, m->keep_bits + rel / 8, len);
+        else
+            keep_mask(a, off, len, (uint64_t)m->seed, (uint32_t)m->t24);
         for (int64_t j = 0; j < len; j++) d[j] = a[j] != 0.0f ? d[j] : 0.0f;
     }
     if (m->scale != 1.0) {
@@ -382,7 +417,7 @@ MULTIVERSION EXPORT int64_t mk_tv_emit(const void *base, int dtb, const void *co
             float *d = d0 + (int64_t)i * CH;
             nf += load(d, models[i], dtm[i], c, len);
             for (int64_t j = 0; j < len; j++) d[j] -= b[j];
-            sparsify(d, a, start + c, len, &mp[i]);
+            sparsify(d, a, start + c, c, len, &mp[i]);
         }
         if (combine == COMBINE_SUM) {
             for (int64_t j = 0; j < len; j++) acc[j] = 0.0f;
