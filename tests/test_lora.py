@@ -55,6 +55,20 @@ def test_block_reads_match_whole_tensor(adapters: dict[str, Path]) -> None:
         torch.testing.assert_close(ck.read(name, start, count), whole[start:start + count])
 
 
+@pytest.mark.parametrize("which", ["base", "a1"])
+def test_read_runs_equals_the_runs_of_the_whole_tensor(adapters: dict[str, Path], which: str) -> None:
+    # the executor samples a tensor with read_runs: plain safetensors (one preadv per run) and adapters
+    ck = Checkpoint.open(adapters[which])
+    for name in ck.tensor_names:
+        whole = ck.read(name).reshape(-1)
+        n = whole.numel()
+        runs = [(0, min(3, n)), (n // 3, n // 3 + 1), (n // 2, n), (n - 1, n), (5 % n, 5 % n)]
+        expected = torch.cat([whole[s:e] for s, e in runs])
+        got = ck.read_runs(name, runs)
+        assert got.dtype == whole.dtype
+        assert torch.equal(got, expected), name
+
+
 def test_merging_adapters_merges_products_not_factors(adapters: dict[str, Path], tmp_path: Path) -> None:
     from moerge.api import merge
 

@@ -27,7 +27,7 @@ import torch
 from moerge import native
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.writer import ModelWriter
-from moerge.methods.blocks import BLOCK, TensorMerger, block_ranges, sample_positions
+from moerge.methods.blocks import BLOCK, TensorMerger, block_ranges, sample_of, sample_positions
 from moerge.plan import InputRef, Plan, WorkItem
 
 COMPUTE_DTYPE = torch.float32
@@ -155,21 +155,26 @@ class _Reader:
         else:
             base = inp.base[s:e] if inp.base is not None else None
             models = [m[s:e] for m in inp.models]
-        if self.native:
-            base = base if base is None or base.dtype in native.DT_CODES else base.to(COMPUTE_DTYPE)
-            models = [m if m.dtype in native.DT_CODES else m.to(COMPUTE_DTYPE) for m in models]
-        return base, models
+        return (self._widen(base) if base is not None else None), [self._widen(m) for m in models]
+
+    def _widen(self, t: torch.Tensor) -> torch.Tensor:
+        """For the native kernels, dtypes they do not take as float32."""
+        return t if not self.native or t.dtype in native.DT_CODES else t.to(COMPUTE_DTYPE)
 
     def sample(self, inp: _Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The same evenly spread runs of elements of every input (raw dtype, CPU), concatenated."""
+        """The same evenly spread runs of elements of every input (load dtype, CPU), concatenated."""
         runs = sample_positions(inp.numel)
-        parts = []
-        for s, e in runs:  # copy each run at once: the next read reuses this thread's read slots
-            b, ms = self.raw_blocks(inp, s, e)
-            parts.append((b.clone() if b is not None else None, [m.clone() for m in ms]))
-        base = torch.cat([b for b, _ in parts]) if parts[0][0] is not None else None
-        models = [torch.cat([ms[k] for _, ms in parts]) for k in range(len(parts[0][1]))]
-        return base, models
+        if inp.models is not None:  # whole inputs in memory (rows cropped or padded)
+            base, models = self.raw_blocks(inp, 0, inp.numel)
+            return sample_of(base, models)
+        item = inp.item
+        got = []
+        for ref in ([item.base] if item.base is not None else []) + list(item.inputs):
+            t = self.plan.checkpoints[ref.model].read_runs(ref.tensor, runs)
+            with self._lock:
+                self.bytes_read += t.numel() * t.element_size()
+            got.append(self._widen(self._on_device(t)))
+        return (got[0], got[1:]) if item.base is not None else (None, got)
 
     def checked(self, nonfinite: int, inp: _Inputs, s: int, e: int) -> None:
         """A native kernel saw ``nonfinite`` NaN/Inf inputs in block [s, e): raise the precise error."""

@@ -50,7 +50,7 @@ class TrainConfig:
 DEFAULTS: dict[tuple[str, str], TrainConfig] = {
     ("decoder", "full"): TrainConfig("full", examples=400, epochs=1, lr=3e-5, batch_size=8, max_length=64),
     ("decoder", "lora"): TrainConfig("lora", examples=400, epochs=1, lr=5e-4, batch_size=8, max_length=64),
-    ("encoder", "full"): TrainConfig("full", examples=1000, epochs=2, lr=5e-5, batch_size=32, max_length=64),
+    ("encoder", "full"): TrainConfig("full", examples=1000, epochs=6, lr=1e-4, batch_size=32, max_length=64),
     ("encoder", "lora"): TrainConfig("lora", examples=1000, epochs=2, lr=1e-3, batch_size=32, max_length=64),
 }
 

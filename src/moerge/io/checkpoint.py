@@ -242,6 +242,15 @@ class Checkpoint:
             t = t.reshape(-1)[start : None if count is None else start + count]
         return t.clone()
 
+    def read_runs(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """Elements [s, e) of the flattened tensor for each run, concatenated, in the stored dtype."""
+        reader = self._readers[self.info(name).file]
+        if isinstance(reader, SafetensorsReader):
+            return reader.read_runs(name, runs)
+        import torch
+
+        return torch.cat([self.read(name, s, e - s).reshape(-1) for s, e in runs])
+
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
 

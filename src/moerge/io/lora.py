@@ -166,6 +166,11 @@ class LoraCheckpoint(Checkpoint):
         flat = w.reshape(-1)[start - r0 * cols: end - r0 * cols]
         return flat.reshape(rows, cols) if (start, count) == (0, None) else flat
 
+    def read_runs(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
+        import torch
+
+        return torch.cat([self.read(name, s, e - s).reshape(-1) for s, e in runs])
+
     def close(self) -> None:
         self.adapter.close()
         self.base.close()

@@ -185,19 +185,34 @@ class SafetensorsReader:
         nbytes = count * itemsize
         buf = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
         if nbytes:
-            view = memoryview(buf.numpy())
-            offset = entry.begin + start * itemsize
-            got = 0
-            fd = self._fileno()
-            while got < nbytes:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n <= 0:
-                    raise CheckpointError(
-                        f"{self.path}: unexpected end of file while reading tensor {name!r}"
-                    )
-                got += n
+            self._pread(name, memoryview(buf.numpy()), entry.begin + start * itemsize)
         t = buf.view(getattr(torch, entry.dtype))
         return t.reshape(entry.shape) if start == 0 and count == entry.numel else t
+
+    def read_runs(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """Elements [s, e) of the flattened tensor for each run, concatenated (one buffer, one
+        ``preadv`` per run: a sample of a tensor costs a few system calls, not a tensor read)."""
+        import torch
+
+        entry = self.entries[name]
+        itemsize = DTYPES[TORCH_TO_CODE[entry.dtype]][1]
+        buf = torch.empty(sum(e - s for s, e in runs) * itemsize, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), 0
+        for s, e in runs:
+            n = (e - s) * itemsize
+            if n:
+                self._pread(name, view[pos: pos + n], entry.begin + s * itemsize)
+            pos += n
+        return buf.view(getattr(torch, entry.dtype))
+
+    def _pread(self, name: str, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from the file at ``offset``."""
+        got, nbytes, fd = 0, len(view), self._fileno()
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: unexpected end of file while reading tensor {name!r}")
+            got += n
 
 
 def build_header(
