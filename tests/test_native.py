@@ -278,3 +278,21 @@ def test_dare_l1_keep_bits_reused_by_the_emit_pass(method, block, monkeypatch):
               out_dtype=torch.float32, **kw)
     torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
     assert used and all(used)  # every emitted block found its bits
+
+
+def test_a_bracket_around_a_huge_run_of_one_value_is_not_taken():
+    # half the magnitudes are exactly 1.0 and the wanted rank falls in that run: widened to the
+    # neighbouring values, the bracket would gather half the tensor, so radix passes are used instead
+    from moerge.methods.blocks import RankSelect, sample_of
+
+    n = 400_000
+    g = torch.Generator().manual_seed(1)
+    values = torch.rand(n, generator=g) * 2.0
+    values[::2] = 1.0
+    rs = RankSelect([n // 2])
+    rs.observe_sample(sample_of(None, [values])[1][0], n)
+    assert rs.bracket is None and rs.passes == 2
+    for p in range(rs.passes):
+        rs.observe_native(p, None, values)
+        rs.end_pass(p)
+    assert rs.value == [torch.sort(values).values[n // 2].item()]

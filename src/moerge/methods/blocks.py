@@ -154,6 +154,7 @@ class RankSelect:
 
     SAMPLE_MIN = 1 << 18  # smaller tensors: radix passes (a bracket pass would not save much)
     SAMPLE_MIN_VALUES = 4096  # a sample with fewer finite values brackets nothing
+    MAX_SHARE = 0.05  # a bracket expected to gather more of the tensor than this is not worth its memory
 
     def __init__(self, ranks: list[int], shared: bool = False) -> None:
         self.passes = 2
@@ -216,6 +217,8 @@ class RankSelect:
             # sample values strictly inside: what the pass will gather, in proportion
             share = max(share, int(np.searchsorted(bits, hi[-1], side="left"))
                         - int(np.searchsorted(bits, lo[-1], side="right")))
+        if share > self.MAX_SHARE * m:  # one value fills a large part of the tensor: radix passes instead
+            return
         self.bracket = (lo, hi)
         self.cap = min(n, int(2 * n * share / m) + 4096)  # twice the expected share, then fall back
         self.counts = torch.zeros(len(lo), 4, dtype=torch.int64)  # above hi, at hi, at lo, strictly inside
