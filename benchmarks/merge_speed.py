@@ -461,6 +461,27 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict, size: str) -> str:
+    """The README's table of one size of a result file: moerge against the floor and mergekit."""
+    med = {(m["method"], m["tool"]): m for m in result["medians"] if m.get("size") == size}
+    verdicts = {c["method"]: c.get("verdict", "") for c in result.get("checks", []) if c.get("size") == size}
+    ties_mk = med.get(("ties", "mergekit"), {}).get("wall")
+    rows = ["| method | moerge wall | × I/O floor | mergekit wall | speed-up | vs mergekit's ties | moerge peak RSS "
+            "| mergekit peak RSS (anon.) | outputs vs mergekit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for method in METHODS:
+        a, b = med.get((method, "moerge")), med.get((method, "mergekit"))
+        if a is None:
+            continue
+        vs_ties = f"{ties_mk / a['wall']:.1f}×" if ties_mk and method in ("ties", "dare_ties", "breadcrumbs") else ""
+        rows.append(" | ".join([
+            f"| {method}", f"{a['wall']:.1f} s", f"{a['x_floor']:.2f}",
+            f"{b['wall']:.1f} s" if b else "–", f"{b['wall'] / a['wall']:.1f}×" if b else "–", vs_ties,
+            f"{a['rss_mib']:.0f} MiB", f"{b['rss_mib']:,.0f} MiB ({b['anon_mib']:,.0f})" if b else "–",
+            f"{verdicts.get(method, '')} |"]))
+    return "\n".join(rows)
+
+
 def machine_info(mergekit: str | None) -> dict:
     import torch
 
@@ -509,7 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mergekit", action="store_true", help="measure moerge and the floor only")
     ap.add_argument("--quick", action="store_true", help="smoke test: 0.1B only, 1 pair")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier result file")
+    ap.add_argument("--markdown", metavar="JSON", help="only print the README's table of an earlier result file "
+                    "(the size given by --sizes, default 0.84B)")
     args = ap.parse_args(argv)
+
+    if args.markdown:
+        size = args.sizes if args.sizes in SIZES else "0.84B"
+        print(markdown(json.loads(Path(args.markdown).read_text()), size))
+        return 0
 
     if args.replot:
         src = Path(args.replot)
