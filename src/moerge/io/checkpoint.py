@@ -247,6 +247,10 @@ class Checkpoint:
         reader = self._readers[self.info(name).file]
         if isinstance(reader, SafetensorsReader):
             return reader.read_runs(name, runs)
+        return self._read_runs_one_by_one(name, runs)
+
+    def _read_runs_one_by_one(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """:meth:`read_runs` through :meth:`read`, for inputs without a raw-file fast path."""
         import torch
 
         return torch.cat([self.read(name, s, e - s).reshape(-1) for s, e in runs])

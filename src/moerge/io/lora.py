@@ -167,9 +167,7 @@ class LoraCheckpoint(Checkpoint):
         return flat.reshape(rows, cols) if (start, count) == (0, None) else flat
 
     def read_runs(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
-        import torch
-
-        return torch.cat([self.read(name, s, e - s).reshape(-1) for s, e in runs])
+        return self._read_runs_one_by_one(name, runs)  # adapted weights are computed, not read raw
 
     def close(self) -> None:
         self.adapter.close()
