@@ -176,6 +176,22 @@ def test_truncated_file_names_file(llama, tmp_path):
         moerge.merge(recipe("linear", None, [bad]), tmp_path / "out")
 
 
+def test_file_truncated_after_it_was_opened_names_file(llama, tmp_path):
+    # inputs are mapped from the page cache; a mapping past the end of a file would kill the process
+    # (SIGBUS) on first touch instead of raising
+    from moerge.io.checkpoint import Checkpoint
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama["ft1"], bad)
+    ck = Checkpoint.open(bad)
+    name = ck.tensor_names[-1]
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) - 8])
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: file shorter than its header says \(tensor {name!r}\)"):
+        ck.map(name)
+    ck.close()
+
+
 def test_index_pointing_to_missing_shard(llama_bf16, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(llama_bf16["ft1"], bad)

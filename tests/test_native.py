@@ -134,6 +134,36 @@ def test_merge_native_equals_torch_end_to_end(llama_bf16, tmp_path, method, para
         torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-6, msg=name)
 
 
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.5}),
+    ("dare_ties", {"density": 0.6}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    ("slerp", {"t": 0.3}),
+])
+def test_mapped_inputs_merge_as_inputs_read_block_by_block(llama_bf16, tmp_path, monkeypatch, method, params):
+    # tensors within MAP_LIMIT are mapped whole from the page cache; larger ones are read a block at a time
+    from moerge import execute
+    from moerge.io.checkpoint import Checkpoint
+
+    mapped = []
+    real_map = Checkpoint.map
+    monkeypatch.setattr(Checkpoint, "map", lambda self, name: mapped.append(name) or real_map(self, name))
+    models = [llama_bf16["ft1"], llama_bf16["ft2"]]
+    r = recipe(method, None if method == "slerp" else llama_bf16["base"], models, params=params, seed=5)
+    if method == "slerp":
+        r["base_model"] = str(models[0])
+    moerge.merge(r, tmp_path / "mapped")
+    assert mapped
+    mapped.clear()
+    monkeypatch.setattr(execute, "MAP_LIMIT", 0)
+    moerge.merge(r, tmp_path / "read")
+    assert not mapped
+    a, b = load_tensors(tmp_path / "mapped"), load_tensors(tmp_path / "read")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_native_nonfinite_input_names_tensor_and_index(llama, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -219,12 +249,17 @@ def test_a_bracket_that_misses_falls_back_to_exact_radix_passes():
     assert all(sp.passes == 1 for sp in hit.sparsifiers)  # a representative sample: one pass
 
 
-def test_merge_samples_every_run_of_a_large_tensor(tmp_path, monkeypatch):
-    # The executor reads the sample run by run into reused buffers; each run must be copied before
-    # the next read, or the sample is one run repeated and brackets miss (a slow fallback, not wrong).
+@pytest.mark.parametrize("map_limit", [None, 0], ids=["mapped", "read"])
+def test_merge_samples_every_run_of_a_large_tensor(tmp_path, monkeypatch, map_limit):
+    # The executor reads the sample of a tensor it does not map run by run; each run must land in its
+    # own place, or the sample is one run repeated and brackets miss (a slow fallback, not wrong).
     from safetensors.torch import save_file
 
+    from moerge import execute
     from moerge.methods.blocks import RankSelect
+
+    if map_limit is not None:
+        monkeypatch.setattr(execute, "MAP_LIMIT", map_limit)
 
     g = torch.Generator().manual_seed(3)
     shape = (640, 512)  # 327,680 elements: above RankSelect.SAMPLE_MIN

@@ -1,13 +1,15 @@
 """Execution: stream the plan tensor by tensor, block by block, into the writer.
 
 Worker threads each take one output tensor and run the method's statistics
-passes and output pass over blocks of about a million elements: each block of
-each input is read straight from its file (``os.preadv`` from the page cache,
-which releases the GIL), converted to float32, and dropped after use, so memory
-holds blocks rather than tensors. The result is rounded to the output dtype. The calling thread
-hands finished tensors, in plan order, to a writer thread. A byte budget bounds
-how many tensors are in flight (each holds its output and one block per
-input), so peak memory stays flat whatever the model size.
+passes and output pass over blocks of about a million elements. With the native
+kernels, a tensor whose inputs fit ``MAP_LIMIT`` is mapped whole from the page
+cache and every pass reads it in place (no copy, no system call per block);
+larger ones (embeddings, LM head), and every input on the torch path, are read
+block by block (``os.preadv``, which releases the GIL) into reused buffers. The
+result is rounded to the output dtype. The calling thread hands finished
+tensors, in plan order, to a writer thread. A byte budget bounds how many
+tensors are in flight (each holds its output and its mapped inputs, or one
+block per input), so peak memory stays flat whatever the model size.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moerge.methods.blocks import BLOCK, TensorMerger, block_ranges, sample_of, 
 from moerge.plan import InputRef, Plan, WorkItem
 
 COMPUTE_DTYPE = torch.float32
+MAP_LIMIT = 128 << 20  # bytes of one work item's inputs, mapped whole (see _Reader.maps)
 ProgressFn = Callable[[WorkItem, int], None]
 
 
@@ -112,11 +115,30 @@ class _Reader:
         out[: t.shape[0]] = t
         return out
 
+    def maps(self, item: WorkItem) -> bool:
+        """Whether ``item``'s inputs are mapped whole from the page cache rather than read block by
+        block: for the native kernels (which read them in place), when they fit :data:`MAP_LIMIT`.
+        Each pass then reads the page cache directly, with no copy and no system call per block."""
+        if not self.native or item.row_fix or item.copy_from is not None:
+            return False
+        refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+        infos = [self.plan.checkpoints[r.model].info(r.tensor) for r in refs]
+        if self.load_dtype is not None and any(getattr(torch, i.dtype) != self.load_dtype for i in infos):
+            return False
+        return sum(i.numel * getattr(torch, i.dtype).itemsize for i in infos) <= MAP_LIMIT
+
     def load(self, item: WorkItem) -> _Inputs:
         """Prepare an item's inputs. Normally nothing is read here: :meth:`blocks` reads each block
         straight from the files (page cache), so memory holds blocks, not tensors. Inputs whose rows
         must be cropped or padded (vocabulary policy) are read whole."""
         refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+        if self.maps(item):
+            mapped = [self.plan.checkpoints[r.model].map(r.tensor) for r in refs]
+            if all(m is not None for m in mapped):
+                with self._lock:
+                    self.bytes_read += sum(m.numel() * m.element_size() for m in mapped)  # type: ignore[union-attr]
+                return _Inputs(item, mapped[0] if item.base is not None else None,
+                               mapped[1:] if item.base is not None else mapped, refs)  # type: ignore[arg-type]
         if not item.row_fix:
             return _Inputs(item, None, None, refs)
         whole = []
@@ -239,12 +261,14 @@ def _output_error(method: str, item: WorkItem, overflow: bool) -> NonFiniteError
     )
 
 
-def _item_cost(plan: Plan, item: WorkItem, block: int) -> int:
-    """Bytes an item holds while in flight: its output, and its inputs (whole ones, or one block each)."""
+def _item_cost(reader: _Reader, item: WorkItem, block: int) -> int:
+    """Bytes an item holds while in flight: its output, and its inputs (whole ones, mapped or read,
+    or one block each)."""
+    plan = reader.plan
     refs = ([item.base] if item.base is not None else []) + list(item.inputs)
     if item.copy_from is not None:
         refs = [item.copy_from]
-    whole = item.copy_from is not None or item.row_fix
+    whole = item.copy_from is not None or item.row_fix or reader.maps(item)
     cost = item.nbytes
     for r in refs:
         info = plan.checkpoints[r.model].info(r.tensor)
@@ -366,7 +390,7 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
     """
     dev = resolve_device(device)
     reader = _Reader(plan, dev, allow_nonfinite)
-    costs = [_item_cost(plan, i, block) for i in plan.items]
+    costs = [_item_cost(reader, i, block) for i in plan.items]
     budget = memory_budget or max(max(costs, default=0), 512 << 20)
     n_workers = workers or (1 if dev.type == "cuda" else 2)
     gc_was_enabled = gc.isenabled()

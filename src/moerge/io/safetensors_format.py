@@ -1,12 +1,13 @@
-"""The safetensors file format, read and written without memory-mapping.
+"""The safetensors file format, read and written.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 (tensor name -> dtype, shape, byte offsets) and the raw little-endian tensor
 bytes. We parse the header ourselves so that a corrupt file gets a precise
-message, and we read tensor bytes with ``os.preadv`` into fresh buffers: unlike
-an mmap that stays open, pages we are done with never count against the
-process's resident memory, and the call releases the GIL so reads overlap with
-compute in other threads.
+message. Tensor bytes are read two ways: ``read`` copies an element range with
+``os.preadv`` (which releases the GIL) into a fresh or reused buffer, and
+``map`` maps one whole tensor from the page cache without a copy, for the
+executor's native kernels. A mapping lives only as long as its tensor, so pages
+we are done with stop counting against the process's resident memory.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from moerge.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
+
+MADV_POPULATE_READ = 22  # not in Python's mmap module (3.11)
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -188,6 +191,28 @@ class SafetensorsReader:
             self._pread(name, memoryview(buf.numpy()), entry.begin + start * itemsize)
         t = buf.view(getattr(torch, entry.dtype))
         return t.reshape(entry.shape) if start == 0 and count == entry.numel else t
+
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor ``name``, flat, as a read-only view of the page cache (no copy): pages are mapped
+        as they are first touched and unmapped when the tensor (and every view of it) is freed."""
+        import mmap
+
+        import torch
+
+        entry = self.entries[name]
+        fd = self._fileno()
+        if os.fstat(fd).st_size < entry.end:  # a mapping past the end of a file faults (SIGBUS)
+            raise CheckpointError(f"{self.path}: file shorter than its header says (tensor {name!r})")
+        nbytes = entry.end - entry.begin
+        if nbytes == 0:
+            return torch.empty(0, dtype=getattr(torch, entry.dtype))
+        lead = entry.begin % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, nbytes + lead, offset=entry.begin - lead, access=mmap.ACCESS_COPY)
+        try:  # fill the page tables in one call instead of a fault per 64 KiB (Linux >= 5.14)
+            mm.madvise(MADV_POPULATE_READ)
+        except (AttributeError, OSError, ValueError):  # no madvise (Windows), or an older kernel
+            pass
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=lead).view(getattr(torch, entry.dtype))
 
     def read_runs(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
         """Elements [s, e) of the flattened tensor for each run, concatenated (one buffer, one
