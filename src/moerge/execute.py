@@ -37,6 +37,11 @@ MAP_LIMIT = 128 << 20  # bytes of one work item's inputs, mapped whole (see _Rea
 ProgressFn = Callable[[WorkItem, int], None]
 
 
+def _refs(item: WorkItem) -> list[InputRef]:
+    """An item's inputs: the base first (if any), then the models."""
+    return ([item.base] if item.base is not None else []) + list(item.inputs)
+
+
 @dataclass
 class ExecStats:
     seconds: float = 0.0
@@ -121,7 +126,9 @@ class _Reader:
         Each pass then reads the page cache directly, with no copy and no system call per block."""
         if not self.native or item.row_fix or item.copy_from is not None:
             return False
-        refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+        refs = _refs(item)
+        if not all(self.plan.checkpoints[r.model].mappable(r.tensor) for r in refs):
+            return False
         infos = [self.plan.checkpoints[r.model].info(r.tensor) for r in refs]
         if self.load_dtype is not None and any(getattr(torch, i.dtype) != self.load_dtype for i in infos):
             return False
@@ -131,14 +138,13 @@ class _Reader:
         """Prepare an item's inputs. Normally nothing is read here: :meth:`blocks` reads each block
         straight from the files (page cache), so memory holds blocks, not tensors. Inputs whose rows
         must be cropped or padded (vocabulary policy) are read whole."""
-        refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+        refs = _refs(item)
         if self.maps(item):
             mapped = [self.plan.checkpoints[r.model].map(r.tensor) for r in refs]
-            if all(m is not None for m in mapped):
-                with self._lock:
-                    self.bytes_read += sum(m.numel() * m.element_size() for m in mapped)  # type: ignore[union-attr]
-                return _Inputs(item, mapped[0] if item.base is not None else None,
-                               mapped[1:] if item.base is not None else mapped, refs)  # type: ignore[arg-type]
+            with self._lock:
+                self.bytes_read += sum(m.numel() * m.element_size() for m in mapped)
+            return _Inputs(item, mapped[0] if item.base is not None else None,
+                           mapped[1:] if item.base is not None else mapped, refs)
         if not item.row_fix:
             return _Inputs(item, None, None, refs)
         whole = []
@@ -191,7 +197,7 @@ class _Reader:
             return sample_of(base, models)
         item = inp.item
         got = []
-        for ref in ([item.base] if item.base is not None else []) + list(item.inputs):
+        for ref in _refs(item):
             t = self.plan.checkpoints[ref.model].read_runs(ref.tensor, runs)
             with self._lock:
                 self.bytes_read += t.numel() * t.element_size()
@@ -265,7 +271,7 @@ def _item_cost(reader: _Reader, item: WorkItem, block: int) -> int:
     """Bytes an item holds while in flight: its output, and its inputs (whole ones, mapped or read,
     or one block each)."""
     plan = reader.plan
-    refs = ([item.base] if item.base is not None else []) + list(item.inputs)
+    refs = _refs(item)
     if item.copy_from is not None:
         refs = [item.copy_from]
     whole = item.copy_from is not None or item.row_fix or reader.maps(item)

@@ -242,11 +242,16 @@ class Checkpoint:
             t = t.reshape(-1)[start : None if count is None else start + count]
         return t.clone()
 
-    def map(self, name: str) -> torch.Tensor | None:
-        """Tensor ``name``, flat, in its stored dtype, mapped from the page cache without a copy;
-        None when the file format does not allow it (then use :meth:`read`)."""
-        reader = self._readers[self.info(name).file]
-        return reader.map(name) if isinstance(reader, SafetensorsReader) else None
+    def mappable(self, name: str) -> bool:
+        """Whether :meth:`map` can give tensor ``name`` (stored raw in a safetensors file)."""
+        return isinstance(self._readers[self.info(name).file], SafetensorsReader)
+
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor ``name``, flat, in its stored dtype, mapped from the page cache without a copy
+        (only when :meth:`mappable`; otherwise use :meth:`read`)."""
+        if not self.mappable(name):
+            raise TypeError(f"{self.ref}: tensor {name!r} is not stored raw in a safetensors file")
+        return self._readers[self.info(name).file].map(name)
 
     def read_runs(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
         """Elements [s, e) of the flattened tensor for each run, concatenated, in the stored dtype."""

@@ -169,8 +169,8 @@ class LoraCheckpoint(Checkpoint):
     def read_runs(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
         return self._read_runs_one_by_one(name, runs)  # adapted weights are computed, not read raw
 
-    def map(self, name: str) -> torch.Tensor | None:
-        return None  # adapted weights are computed, not stored
+    def mappable(self, name: str) -> bool:
+        return False  # adapted weights are computed, not stored
 
     def close(self) -> None:
         self.adapter.close()
