@@ -140,14 +140,35 @@ def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
     zoo = env["root"] / "zoo-dec"
     kw = dict(track="decoder", pretrained=dec, examples=16, batch_size=8, epochs=1, tasks=["bbc", "tweets"])
     build_zoo("tiny", zoo, kind="full", lr=1e-3, **kw)
-    metas = build_zoo("tiny", zoo, kind="lora", lr=1e-2, **kw)
-    assert all(m["kind"] == "lora" for m in metas)
+    metas = build_zoo("tiny", zoo, kind="lora", lr=1e-2, lora_dropout=0.05, **kw)
+    assert all(m["kind"] == "lora" and m["train"]["lora_dropout"] == 0.05 for m in metas)
     adapter = zoo / "decoder/lora/bbc"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["lora_dropout"] == 0.05
     assert Path(cfg["base_model_name_or_path"]) == (zoo / "decoder/pretrained").resolve()
     exp = Experiment("tiny", "decoder", "lora", zoo=zoo, results=env["root"] / "res-dec", log=lambda s: None)
     rec = exp.merged_record("task_arithmetic", {"lambda": 1.0}, ["bbc", "tweets"], "validation", ["bbc", "tweets"])
     assert set(rec["accuracy"]) == {"bbc", "tweets"} and rec["held_in_norm"] is not None
+
+
+def test_encoder_lora_heads_start_from_a_probe_with_the_configured_penalty(
+        env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from moerge.evaluation import encoder
+    from moerge.evaluation.zoo import build_zoo
+
+    seen: list[float] = []
+    real = encoder.fit_probe
+
+    def spy(*a: object, l2: float = 1e-3, **k: object) -> torch.nn.Linear:
+        seen.append(l2)
+        return real(*a, l2=l2, **k)
+
+    monkeypatch.setattr(encoder, "fit_probe", spy)
+    metas = build_zoo("tiny", env["root"] / "zoo-enc-lora", track="encoder", kind="lora", pretrained=env["bert"],
+                      tasks=["bbc"], examples=8, batch_size=8, epochs=1, head_l2=0.25, weight_decay=0.0)
+    assert seen[0] == 0.25  # the head's initial probe; the evaluation's own probes keep their default
+    assert metas[0]["train"]["head_l2"] == 0.25 and metas[0]["train"]["weight_decay"] == 0.0
+    assert (env["root"] / "zoo-enc-lora/encoder/lora/bbc/head.safetensors").exists()
 
 
 def test_data_aware_merge_computes_statistics_once_and_records_their_cost(env: dict[str, Path],

@@ -98,6 +98,11 @@ def zoo() -> None:
 @click.option("--batch-size", type=int, default=None)
 @click.option("--max-length", type=int, default=None, help="Tokens per input (longer inputs keep their end).")
 @click.option("--seed", type=int, default=None)
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay.")
+@click.option("--head-l2", type=float, default=None,
+              help="Encoder: L2 penalty of the linear probe each task head starts from.")
+@click.option("--lora-rank", type=int, default=None)
+@click.option("--lora-dropout", type=float, default=None)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def zoo_build(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: str | None, tasks: str | None,

@@ -125,7 +125,7 @@ def _build_one(suite_name: str, base: Path, out: Path, track: str, tasks: list[s
         heads = {}
         for t in tasks:  # LP-FT: start each head from a probe on the pretrained features
             feats = embed(model, tok, [e.text for e in data[t]], max_length=cfg.max_length)
-            heads[t] = fit_probe(feats, [e.label for e in data[t]], len(get_task(t).labels))
+            heads[t] = fit_probe(feats, [e.label for e in data[t]], len(get_task(t).labels), l2=cfg.head_l2)
         model, log = train_encoder(model, tok, heads, data, cfg, progress)
         for t in tasks:
             target = tmp if len(tasks) == 1 else tmp / "heads" / t
