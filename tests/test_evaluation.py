@@ -18,6 +18,8 @@ from moerge.evaluation.tasks import (
     get_suite,
     get_task,
     make_splits,
+    suite_splits,
+    text_key,
 )
 
 
@@ -87,6 +89,25 @@ def test_real_task_data_loads(name, n_labels, at_least):
     counts = Counter(ex.label for ex in data)
     assert len(data) >= at_least and sorted(counts) == list(range(n_labels)), counts
     assert all(ex.text.strip() for ex in data)
+
+
+@pytest.mark.skipif(not have_data, reason="data packages not installed (scripts/setup.sh installs them)")
+def test_no_evaluated_text_is_in_a_held_in_task_training_split():
+    # review_or_plot and rotten_tomatoes are cut from one corpus: split on their own, they share texts
+    text = get_suite("text")
+    trained = {text_key(ex.text) for ex in make_splits("review_or_plot", text.sizes).train}
+    raw = make_splits("rotten_tomatoes", text.sizes)
+    leaked = [ex for ex in raw.test if text_key(ex.text) in trained]
+    assert len(leaked) == 25  # (so the rule below has something to do)
+    clean = suite_splits("text", "rotten_tomatoes")
+    assert clean.train == raw.train and len(clean.test) == len(raw.test) - 25
+    seen = {text_key(ex.text) for t in text.held_in for ex in make_splits(t, text.sizes).train}
+    for task in text.tasks:
+        sp = suite_splits("text", task)
+        own = {text_key(ex.text) for ex in sp.train}
+        for part in (sp.validation, sp.test):
+            assert not {text_key(ex.text) for ex in part} & (seen - own), task
+    assert suite_splits("text", "bbc").hashes == make_splits("bbc", text.sizes).hashes  # nothing to remove
 
 
 # ------------------------------------------------------------------------------------------ scoring

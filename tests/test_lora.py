@@ -141,6 +141,20 @@ def test_extract_lora_round_trip_and_energy(adapters: dict[str, Path], tmp_path:
     assert _peft_merged(adapters["base"], tmp_path / "lora1")["model.layers.0.self_attn.q_proj.weight"].shape == d.shape
 
 
+def test_extract_at_a_rank_above_a_layers_width_loads_in_peft(adapters: dict[str, Path], tmp_path: Path) -> None:
+    from moerge.extract import extract_lora
+
+    # v_proj is 16 x 32: a rank-20 adapter stores its rank-16 factors zero-padded to the adapter's rank
+    rep = extract_lora(adapters["a1"], adapters["base"], tmp_path / "wide", rank=20)
+    assert rep.discarded < 1e-9
+    a = load_file(str(tmp_path / "wide" / "adapter_model.safetensors"))
+    assert a["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].shape == (20, 32)
+    got = _peft_merged(adapters["base"], tmp_path / "wide")
+    want = Checkpoint.open(adapters["a1"])
+    for name in ("model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(got[name], want.read(name).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_written_as_lora_adapter(adapters: dict[str, Path], tmp_path: Path) -> None:
     from moerge.api import merge
 

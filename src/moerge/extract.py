@@ -17,8 +17,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moerge.errors import MoergeError
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDING_HINTS = ("embed", "lm_head", "wte", "wpe", "word_embeddings", "position_embeddings")
 
@@ -81,14 +85,16 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
         r = min(rank, s.numel())
         root = s[:r].sqrt()
         module = name[: -len(".weight")]
+        # factors are zero-padded to the adapter's rank where the layer is thinner than it (PEFT builds
+        # every adapted layer at rank ``r``); the padding adds nothing to B·A
+        down = _pad_rows(root[:, None] * vh[:r], rank)  # (rank, cols)
+        up = _pad_rows((u[:, :r] * root).T, rank).T  # (rows, rank)
         if is_embedding:  # PEFT's embedding LoRA: ΔW = (B·A)ᵀ with A (r, num_embeddings), B (dim, r)
-            a_emb = (u[:, :r] * root).T.contiguous().float()  # (r, rows)
-            b_emb = (vh[:r].T * root).contiguous().float()  # (cols, r)
-            tensors[f"base_model.model.{module}.lora_embedding_A"] = a_emb
-            tensors[f"base_model.model.{module}.lora_embedding_B"] = b_emb
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = up.T.contiguous().float()
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = down.T.contiguous().float()
         else:
-            tensors[f"base_model.model.{module}.lora_A.weight"] = (root[:, None] * vh[:r]).contiguous().float()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = (u[:, :r] * root).contiguous().float()
+            tensors[f"base_model.model.{module}.lora_A.weight"] = down.contiguous().float()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = up.contiguous().float()
         energy = float((s**2).sum())
         kept = float((s[:r] ** 2).sum())
         report.tensors[name] = 1.0 - kept / energy
@@ -120,3 +126,9 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
         raise
     report.output = out
     return report
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    import torch
+
+    return t if t.shape[0] >= rows else torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])

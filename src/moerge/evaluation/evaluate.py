@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from moerge.evaluation.models import check_track, default_cache
-from moerge.evaluation.tasks import Splits, TaskError, get_suite, get_task, make_splits
+from moerge.evaluation.tasks import Splits, TaskError, get_suite, get_task, suite_splits
 
 SCORING_VERSION = 1
 EXPERT_META = "moerge_expert.json"
@@ -48,12 +48,7 @@ class EvalSettings:
 
 
 def splits_for(settings: EvalSettings, task: str) -> Splits:
-    return _splits(task, get_suite(settings.suite).sizes, settings.seed)
-
-
-@functools.lru_cache(maxsize=64)
-def _splits(task: str, sizes: tuple[int, int, int], seed: int) -> Splits:
-    return make_splits(task, sizes, seed=seed)
+    return suite_splits(settings.suite, task, settings.seed)
 
 
 def files_hash(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "adapter_config.json",

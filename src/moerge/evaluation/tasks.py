@@ -9,7 +9,9 @@ downloaded. Adding a task is one :func:`register_task` call.
 :func:`make_splits` deduplicates a task's texts, then cuts train / validation /
 test splits that are stratified by label, disjoint (no text in two splits) and
 deterministic for a seed; each split carries a content hash so results can say
-exactly which data they were measured on.
+exactly which data they were measured on. :func:`suite_splits` adds the suite's
+rule: no validation or test text of any task is a text a held-in task trains on
+(two tasks cut from one corpus are otherwise split independently).
 """
 
 from __future__ import annotations
@@ -244,12 +246,17 @@ def content_hash(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+def text_key(text: str) -> str:
+    """The form in which two texts count as the same: whitespace-normalised, lower case."""
+    return " ".join(text.split()).lower()
+
+
 def dedupe(examples: Sequence[Example]) -> list[Example]:
     """Drop repeated texts (whitespace-normalised); a text seen with two labels is dropped entirely."""
     labels: dict[str, set[int]] = {}
     first: dict[str, Example] = {}
     for ex in examples:
-        key = " ".join(ex.text.split()).lower()
+        key = text_key(ex.text)
         labels.setdefault(key, set()).add(ex.label)
         first.setdefault(key, ex)
     return [ex for key, ex in first.items() if len(labels[key]) == 1]
@@ -291,6 +298,27 @@ def make_splits(task: Task | str, sizes: tuple[int, int, int], seed: int = 0,
         rng.shuffle(part)
         parts.append(part)
     return Splits(t.name, seed, *parts)
+
+
+@functools.lru_cache(maxsize=64)
+def suite_splits(suite: Suite | str, task: str, seed: int = 0) -> Splits:
+    """A task's splits as the suite evaluates them: :func:`make_splits` at the suite's sizes, with every
+    validation and test example whose text is in the train split of another held-in task removed.
+
+    ``review_or_plot`` and ``rotten_tomatoes`` are cut from the same reviews: split independently, 25 of
+    rotten_tomatoes' 400 test texts were in the review_or_plot expert's training data. Train splits are
+    never changed (experts are trained on them)."""
+    s = get_suite(suite) if isinstance(suite, str) else suite
+    sp = make_splits(task, s.sizes, seed=seed)
+    seen = {text_key(ex.text) for other in s.held_in if other != task
+            for ex in make_splits(other, s.sizes, seed=seed).train}
+    if not seen:
+        return sp
+
+    def clean(part: list[Example]) -> list[Example]:
+        return [ex for ex in part if text_key(ex.text) not in seen]
+
+    return Splits(sp.task, seed, sp.train, clean(sp.validation), clean(sp.test))
 
 
 @functools.lru_cache(maxsize=16)
