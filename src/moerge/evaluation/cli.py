@@ -281,9 +281,11 @@ def compare_cmd(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: 
     """The whole comparison: baselines, a validation sweep per method, its test result, the expert-count curve.
 
     \b
-    Then `moerge report RESULTS` draws it. Example (the README's table):
-      moerge compare --track encoder && moerge compare --track encoder --kind lora
-      moerge compare --track decoder --grid small --val-limit 100 --test-limit 200
+    Then `moerge report RESULTS` draws it. Examples (the README has the exact
+    commands of its tables):
+      moerge compare --track encoder --grid small
+      moerge compare --track encoder --kind lora --grid small --no-curve
+      moerge compare --track decoder --grid small --val-limit 60 --test-limit 150
       moerge report results
     """
 
