@@ -146,3 +146,24 @@ def test_label_logprobs_match_a_brute_force_computation(tiny_lm, words):
 def test_accuracy_on_a_hand_made_case():
     scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     assert accuracy(scores, [1, 0, 0, 0]) == 0.75
+
+
+# ------------------------------------------------------------------------------------------ training schedule
+
+
+def test_multitask_batches_spread_each_task_over_the_whole_run():
+    from moerge.evaluation.train import TrainConfig, _batches
+
+    data = {"big": synthetic((40, 40, 0)), "small": synthetic((10, 10, 0))}
+    cfg = TrainConfig(epochs=2, batch_size=8)
+    order = [name for name, _ in _batches(data, cfg)]
+    assert Counter(order) == {"big": 20, "small": 6}  # 80 / 8 and ceil(20 / 8) = 3 per epoch
+    small = [i for i, name in enumerate(order) if name == "small"]
+    assert small[0] < 5 and small[-1] > 20  # not all at the start
+    assert max(b - a for a, b in zip(small, small[1:])) <= 5
+    # one task, or tasks of one size: the plain (round-robin) order
+    same = {"a": synthetic((16, 0, 0)), "b": synthetic((0, 16, 0))}
+    assert [n for n, _ in _batches(same, cfg)] == ["a", "b"] * 4
+    one = _batches({"a": synthetic((16, 0, 0))}, cfg)
+    assert [len(b) for _, b in one] == [8, 8, 8, 8]
+    assert sorted(ex.text for _, b in one[:2] for ex in b) == sorted(ex.text for ex in synthetic((16, 0, 0)))

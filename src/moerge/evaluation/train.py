@@ -76,20 +76,22 @@ def _schedule(opt: torch.optim.Optimizer, total: int, warmup: float) -> torch.op
 
 
 def _batches(data: dict[str, list[Example]], cfg: TrainConfig) -> list[tuple[str, list[Example]]]:
-    """Seeded mini-batches; each batch holds one task (round-robin over tasks for the multitask oracle)."""
+    """Seeded mini-batches; each batch holds one task.
+
+    For the multitask oracle each task's batches are spread evenly over the whole run (batch i of n sits at
+    (i + ½)/n; ties go in task order, which is round-robin when tasks are the same size): a small task is
+    not trained only at the start and then forgotten."""
     rng = random.Random(cfg.seed)
-    per_task: list[list[tuple[str, list[Example]]]] = []
-    for name, examples in data.items():
+    placed: list[tuple[float, int, tuple[str, list[Example]]]] = []
+    for k, (name, examples) in enumerate(data.items()):
         batches = []
         for _ in range(cfg.epochs):
             order = list(examples)
             rng.shuffle(order)
             batches += [(name, order[i:i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
-        per_task.append(batches)
-    out = []
-    for i in range(max(len(b) for b in per_task)):
-        out += [b[i] for b in per_task if i < len(b)]
-    return out
+        placed += [((i + 0.5) / len(batches), k, b) for i, b in enumerate(batches)]
+    placed.sort(key=lambda p: (p[0], p[1]))
+    return [b for _, _, b in placed]
 
 
 def _lora(model: Any, track: str, cfg: TrainConfig) -> Any:
