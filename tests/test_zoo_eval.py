@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from moerge.evaluation.tasks import get_suite, make_splits  # noqa: E402
+from moerge.evaluation.tasks import TaskError, get_suite, make_splits  # noqa: E402
 
 
 def _data_installed() -> bool:
@@ -93,7 +93,8 @@ def test_zoo_build_resumes_without_retraining(env: dict[str, Path], encoder_zoo:
 
     stamp = (env["zoo"] / "encoder/full/bbc/model.safetensors").stat().st_mtime_ns
     (env["zoo"] / "encoder/full/tweets.partial").mkdir()  # a build interrupted earlier
-    again = build_zoo("tiny", env["zoo"], track="encoder", kind="full", examples=16, batch_size=8, epochs=1)
+    again = build_zoo("tiny", env["zoo"], track="encoder", kind="full", examples=16, batch_size=8, epochs=1,
+                      lr=1e-3)
     assert (env["zoo"] / "encoder/full/bbc/model.safetensors").stat().st_mtime_ns == stamp
     assert [m["seconds"] for m in again] == [m["seconds"] for m in encoder_zoo[:3]]
 
@@ -101,6 +102,7 @@ def test_zoo_build_resumes_without_retraining(env: dict[str, Path], encoder_zoo:
 def test_compare_scores_merges_normalises_and_reports(env: dict[str, Path], encoder_zoo: list[dict]) -> None:
     from moerge.evaluation.experiment import Experiment, load_records
     from moerge.evaluation.report import markdown_table, write_report
+    from moerge.evaluation.zoo import fingerprint, zoo_fingerprint
 
     results = env["root"] / "results"
     exp = Experiment("tiny", "encoder", "full", zoo=env["zoo"], results=results, log=lambda s: None)
@@ -130,6 +132,17 @@ def test_compare_scores_merges_normalises_and_reports(env: dict[str, Path], enco
     assert "task_arithmetic" in text and text.count("data:image/png;base64") >= 2
     assert (results / "encoder-full-normalized.png").stat().st_size > 1000
     assert "| task_arithmetic |" in markdown_table(all_recs, "tiny")
+    # every record names the zoo it was scored against; the baselines alone can be re-scored
+    assert {r["zoo"] for r in all_recs} == {zoo_fingerprint(env["zoo"], "encoder", "full", "tiny")}
+    assert [r["role"] for r in exp.compare([], grid="small")] == ["pretrained", "expert", "expert", "multitask"]
+    assert by[("multitask", "multitask")]["model"] == fingerprint(env["zoo"] / "encoder/full/multitask")
+    # a record of an older build of the zoo is left out of the report, which says so
+    ghost = dict(ta, name="ghost", zoo="0ld0ld0ld0ld", created="2000-01-01T00:00:00Z")
+    (results / "records" / "encoder-full-ghost.json").write_text(json.dumps(ghost))
+    warned: list[str] = []
+    text = write_report(results, warn=warned.append).read_text()
+    assert "ghost" not in text and "ghost" not in (results / "encoder-full-table.md").read_text()
+    assert len(warned) == 1 and "left out 1 record(s)" in warned[0] and "0ld0ld0ld0ld" in text
 
 
 def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
@@ -154,7 +167,7 @@ def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
 def test_encoder_lora_heads_start_from_a_probe_with_the_configured_penalty(
         env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from moerge.evaluation import encoder
-    from moerge.evaluation.zoo import build_zoo
+    from moerge.evaluation.zoo import build_zoo, fingerprint
 
     seen: list[float] = []
     real = encoder.fit_probe
@@ -169,6 +182,15 @@ def test_encoder_lora_heads_start_from_a_probe_with_the_configured_penalty(
     assert seen[0] == 0.25  # the head's initial probe; the evaluation's own probes keep their default
     assert metas[0]["train"]["head_l2"] == 0.25 and metas[0]["train"]["weight_decay"] == 0.0
     assert (env["root"] / "zoo-enc-lora/encoder/lora/bbc/head.safetensors").exists()
+    # asking for other settings never silently reuses the expert built with these; --rebuild retrains it
+    again = dict(track="encoder", kind="lora", tasks=["bbc"], examples=8, batch_size=8, epochs=1, head_l2=0.5,
+                 weight_decay=0.0)
+    with pytest.raises(TaskError, match=r"bbc: this expert was built with other settings: head_l2 0\.25 \(asked 0\.5"):
+        build_zoo("tiny", env["root"] / "zoo-enc-lora", **again)
+    folder = env["root"] / "zoo-enc-lora/encoder/lora/bbc"
+    before = fingerprint(folder)
+    metas = build_zoo("tiny", env["root"] / "zoo-enc-lora", rebuild=True, **again)
+    assert metas[0]["train"]["head_l2"] == 0.5 and 0.5 in seen and fingerprint(folder) != before
 
 
 def test_data_aware_merge_computes_statistics_once_and_records_their_cost(env: dict[str, Path],
@@ -188,3 +210,7 @@ def test_data_aware_merge_computes_statistics_once_and_records_their_cost(env: d
     assert recipe["models"][0] == {"model": str(env["zoo"] / "encoder/full/bbc"), "stats": str(folder)}
     assert (folder / "moerge_stats.json").stat().st_mtime_ns == stamp
     assert "(gram)" in markdown_table([dict(rec, split="test")], "tiny")
+    # statistics of an older build of the expert are recomputed, never merged with the new weights
+    (folder / "moerge_stats.json").write_text(json.dumps(dict(meta, model_hash="0" * 16)))
+    exp.recipe("regmean", {}, ["bbc", "tweets"])
+    assert json.loads((folder / "moerge_stats.json").read_text())["model_hash"] == meta["model_hash"]

@@ -92,6 +92,8 @@ def zoo() -> None:
 @click.option("--zoo", "zoo_dir", default=None, help=ZOO_HELP)
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: every task of the suite).")
 @click.option("--multitask", is_flag=True, help="Also train one model on all held-in tasks (the oracle).")
+@click.option("--rebuild", is_flag=True, help="Retrain the experts of --tasks (and the oracle, with --multitask) even if built (the old one is "
+              "replaced when the new one is complete). Without it, an expert built with other settings is an error.")
 @click.option("--examples", type=int, default=None, help="Training examples per task (track default).")
 @click.option("--epochs", type=int, default=None)
 @click.option("--lr", type=float, default=None)
@@ -106,15 +108,16 @@ def zoo() -> None:
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def zoo_build(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: str | None, tasks: str | None,
-              multitask: bool, quiet: bool, **overrides: Any) -> None:
+              multitask: bool, rebuild: bool, quiet: bool, **overrides: Any) -> None:
     """Fine-tune one expert per task of SUITE (skipping experts already built).
 
     \b
     Each expert is written to ZOO/<track>/<kind>/<task>/ with moerge_expert.json
     (data hashes, settings, training time, validation accuracy of the expert and
     of the pretrained model). Interrupt at any time: the next run resumes at the
-    first missing expert. Defaults (per track and kind) are in
-    moerge.evaluation.train.DEFAULTS.
+    first missing expert. An expert already built with other settings than those
+    asked for stops the build (add --rebuild to retrain it). Defaults (per track
+    and kind) are in moerge.evaluation.train.DEFAULTS.
     """
 
     def body() -> None:
@@ -122,7 +125,7 @@ def zoo_build(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: st
 
         root = _zoo_dir(zoo_dir)
         with _Bar(quiet) as bar:
-            metas = build_zoo(suite, root, track=track, kind=kind, multitask=multitask,
+            metas = build_zoo(suite, root, track=track, kind=kind, multitask=multitask, rebuild=rebuild,
                               tasks=tasks.split(",") if tasks else None, report=bar, **overrides)
         _print_experts(metas)
         click.echo(f"zoo: {root / track / kind}")
@@ -274,10 +277,12 @@ def _number(v: str) -> Any:
 @click.option("--grid", type=click.Choice(["full", "small"]), default="full", show_default=True,
               help="Values tried per method on validation (`small` for the slow decoder track).")
 @click.option("--no-curve", is_flag=True, help="Skip merges of 2 … N−1 experts.")
+@click.option("--baselines-only", is_flag=True, help="Score only the pretrained model, each expert and the "
+              "multitask oracle (e.g. after building the oracle); no merge.")
 @click.pass_context
 def compare_cmd(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: str | None, results: str,
                 val_limit: int | None, test_limit: int | None, quiet: bool, methods: str | None, grid: str,
-                no_curve: bool) -> None:
+                no_curve: bool, baselines_only: bool) -> None:
     """The whole comparison: baselines, a validation sweep per method, its test result, the expert-count curve.
 
     \b
@@ -291,7 +296,8 @@ def compare_cmd(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: 
 
     def body() -> None:
         exp = _experiment(suite, track, kind, zoo_dir, results, val_limit, test_limit, quiet)
-        exp.compare(methods.split(",") if methods else None, grid=grid, curve=not no_curve)
+        chosen = [] if baselines_only else methods.split(",") if methods else None
+        exp.compare(chosen, grid=grid, curve=not no_curve)
         click.echo(f"records in {Path(results) / 'records'}; next: moerge report {results}")
 
     _runner(ctx, body)
@@ -307,7 +313,7 @@ def report_cmd(ctx: click.Context, results: str, out: str | None) -> None:
     def body() -> None:
         from moerge.evaluation.report import write_report
 
-        click.echo(f"wrote {write_report(results, out)}")
+        click.echo(f"wrote {write_report(results, out, warn=lambda m: click.echo(f'warning: {m}', err=True))}")
 
     _runner(ctx, body)
 

@@ -4,7 +4,9 @@ Every evaluated model becomes one JSON record in a results folder (what was
 merged, how, on which split, per-task accuracy, accuracy normalised by the
 fine-tuned expert of each task, the held-in and held-out means, the merge's wall
 time and peak memory). ``moerge report`` draws its tables and figures from these
-records only.
+records only. Each record carries the fingerprint of the zoo it was scored
+against (``zoo``) and when it was made (``created``), so that the report can
+leave out the records of a zoo since rebuilt.
 
 Protocol (after "Realistic Evaluation of Model Merging for Compositional
 Generalization"): hyperparameters are chosen by the mean normalised accuracy on
@@ -28,10 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moerge.evaluation.evaluate import EvalSettings, Evaluator
+from moerge.evaluation.evaluate import EvalSettings, Evaluator, files_hash
 from moerge.evaluation.models import default_cache
 from moerge.evaluation.tasks import TaskError, get_suite
-from moerge.evaluation.zoo import MULTITASK, expert_dir, list_experts, pretrained_dir, stats_dir
+from moerge.evaluation.zoo import (
+    MULTITASK,
+    expert_dir,
+    fingerprint,
+    list_experts,
+    pretrained_dir,
+    stats_dir,
+    zoo_fingerprint,
+)
 from moerge.measure import run_measured
 
 # data-free methods of the engine and the values tried on validation (slerp takes one model: not in a
@@ -105,6 +115,7 @@ class Experiment:
             raise TaskError(f"the zoo has no {self.track}/{self.kind} expert for {', '.join(missing)}",
                             hint=f"moerge zoo build {self.suite} --track {self.track} --kind {self.kind}")
         self.full_experts = list_experts(self.zoo, self.track, "full")
+        self.zoo_id = zoo_fingerprint(self.zoo, self.track, self.kind, self.suite)
         self.work = default_cache() / "merges"
         self._normalisers: dict[str, dict[str, float | None]] = {}
 
@@ -142,7 +153,8 @@ class Experiment:
             "held_in": _mean([acc[t] for t in held_in]), "held_out": _mean([acc[t] for t in held_out]),
             "held_in_norm": _mean([normalized[t] for t in held_in if t in normalized]),
             "held_out_norm": _mean([normalized[t] for t in held_out if t in normalized]),
-            "eval_seconds": round(time.perf_counter() - t0, 1), **extra,
+            "eval_seconds": round(time.perf_counter() - t0, 1),
+            "zoo": self.zoo_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
         }
         self._save(rec)
         return rec
@@ -167,12 +179,17 @@ class Experiment:
     def stats(self, task: str, stat: str) -> Path:
         """An expert's statistics folder, computed on first use (`moerge stats`, its own process, measured)."""
         out = stats_dir(self.zoo, self.track, self.kind, stat, task)
-        if not (out / "moerge_stats.json").exists():
+        expert = expert_dir(self.zoo, self.track, self.kind, task)
+        meta = out / "moerge_stats.json"
+        if meta.exists() and json.loads(meta.read_text()).get("model_hash") != files_hash(expert):
+            self.log(f"statistics: the {task} expert was rebuilt since its {stat} statistics were computed")
+            meta.unlink()
+        if not meta.exists():
             self.log(f"statistics: {stat} of the {task} expert ...")
             log = self.work / f"stats-{self.track}-{stat}-{task}.log"
             self.work.mkdir(parents=True, exist_ok=True)
             rec = run_measured([sys.executable, "-m", "moerge", "stats", stat,
-                                str(expert_dir(self.zoo, self.track, self.kind, task)), "--data", task,
+                                str(expert), "--data", task,
                                 "--track", self.track, "--out", str(out), "--force", "--quiet"], log=log)
             if rec["rc"]:
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:]
@@ -231,8 +248,9 @@ class Experiment:
             self.log(_line(recs[-1]))
         if MULTITASK in self.experts:
             heads = expert_dir(self.zoo, self.track, self.kind, MULTITASK) / "heads"
-            recs.append(self.record("multitask", "multitask", expert_dir(self.zoo, self.track, self.kind, MULTITASK),
-                                    "test", heads=heads if self.track == "encoder" else None))
+            oracle = expert_dir(self.zoo, self.track, self.kind, MULTITASK)
+            recs.append(self.record("multitask", "multitask", oracle, "test",
+                                    heads=heads if self.track == "encoder" else None, model=fingerprint(oracle)))
             self.log(_line(recs[-1]))
         return recs
 
@@ -248,8 +266,10 @@ class Experiment:
         return best["params"], recs
 
     def compare(self, methods: list[str] | None = None, grid: str = "full", curve: bool = True) -> list[dict[str, Any]]:
+        """Baselines, then per method a validation sweep and its test result, then the expert-count curve.
+        ``methods=None``: every method of the grid; ``[]``: the baselines only."""
         grids = GRIDS[grid]
-        methods = methods or list(grids)
+        methods = list(grids) if methods is None else methods
         out = self.baselines()
         chosen = {}
         for m in methods:

@@ -5,6 +5,10 @@ normalised accuracy, held-in and held-out means, merge cost), the validation
 sweep that chose each method's values, and three figures: held-in vs held-out
 normalised accuracy per method, accuracy vs number of merged experts, and
 accuracy vs merge cost.
+
+Records scored against an older build of the zoo (another ``zoo`` fingerprint
+than the group's newest record) are left out of every table and figure, and the
+report says how many it left out.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import base64
 import html
 import io
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +167,28 @@ def _sweep_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "</table>"
 
 
+def current_zoo(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, left out): the records of one (suite, track, kind) group made against the zoo of its newest
+    record, and the others. Records without a fingerprint (made before records carried one) form a zoo
+    of their own, older than any dated record."""
+    if not records:
+        return [], []
+    newest = max(records, key=lambda r: r.get("created", ""))
+    zoo = newest.get("zoo")
+    kept = [r for r in records if r.get("zoo") == zoo]
+    return kept, [r for r in records if r.get("zoo") != zoo]
+
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 td:first-child,th:first-child,td:nth-child(2){text-align:left}th{background:#f3f3f3}img{max-width:100%}
 small{color:#777}h2{border-bottom:1px solid #ddd;margin-top:2em}"""
 
 
-def write_report(results: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` and one PNG per figure into ``out`` (default: the results folder)."""
+def write_report(results: str | Path, out: str | Path | None = None,
+                 warn: Callable[[str], None] | None = None) -> Path:
+    """Write ``report.html`` and one PNG per figure into ``out`` (default: the results folder).
+    ``warn`` receives one line per group whose older-zoo records were left out."""
     results = Path(results)
     out = Path(out) if out else results
     out.mkdir(parents=True, exist_ok=True)
@@ -181,11 +200,19 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
              "<h1>moerge: merges of fine-tuned experts, held-in and held-out</h1>",
              "<p>Values of each method are chosen on the validation splits of the held-in tasks only; the table is "
              "on test. Normalised accuracy = accuracy / the accuracy of the task's own fine-tuned expert.</p>"]
-    for (suite, track, kind), recs in sorted(groups.items()):
+    for (suite, track, kind), group in sorted(groups.items()):
         title = f"{suite} / {track} / {kind}"
         s = get_suite(suite)
+        recs, stale = current_zoo(group)
         parts.append(f"<h2>{html.escape(title)}</h2><p>held-in: {', '.join(s.held_in)}; held-out: "
-                     f"{', '.join(s.held_out)}</p>")
+                     f"{', '.join(s.held_out)}; zoo {recs[0].get('zoo') or 'not fingerprinted'}</p>")
+        if stale:
+            msg = (f"{title}: left out {len(stale)} record(s) scored against an older build of the zoo "
+                   f"({', '.join(sorted({str(r.get('zoo')) for r in stale}))}); re-run the comparison, or move "
+                   f"them out of {results / 'records'}")
+            parts.append(f"<p><b>{html.escape(msg)}</b></p>")
+            if warn:
+                warn(msg)
         parts.append(_html_table(recs, suite))
         for name, png in figures(recs, title).items():
             fname = f"{track}-{kind}-{name}.png"

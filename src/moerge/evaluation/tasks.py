@@ -33,7 +33,7 @@ from moerge.errors import MoergeError, did_you_mean
 
 
 class TaskError(MoergeError):
-    """A task or suite that does not exist, or whose data is not installed."""
+    """A task or suite that does not exist, whose data is not installed, or a zoo that is not what was asked."""
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,18 @@ Layout of a zoo (every model folder is a plain Hugging Face folder)::
 Experts for held-out tasks are built too, but never merged: they give the
 "fine-tuned on this task" accuracy that held-out results are normalised by.
 Each expert is written to ``<task>.partial`` and renamed when complete, so an
-interrupted build resumes at the first missing expert.
+interrupted build resumes at the first missing expert. An expert already built
+with other training settings than those asked for is an error, never silently
+reused; ``rebuild`` retrains it.
+
+Each expert's metadata file also fingerprints it: a comparison records the
+fingerprint of the zoo it scored against, so results of an older zoo are never
+mixed into a table with results of a rebuilt one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -27,7 +34,7 @@ from typing import Any
 
 from moerge.evaluation.evaluate import EXPERT_META, EvalSettings, Evaluator
 from moerge.evaluation.models import check_track, pretrained_path
-from moerge.evaluation.tasks import get_suite, get_task, make_splits
+from moerge.evaluation.tasks import TaskError, get_suite, get_task, make_splits
 from moerge.evaluation.train import TrainConfig, default_config
 
 MULTITASK = "multitask"
@@ -50,6 +57,31 @@ def stats_dir(zoo: Path, track: str, kind: str, stat: str, task: str) -> Path:
 def read_meta(folder: Path) -> dict[str, Any] | None:
     p = folder / EXPERT_META
     return json.loads(p.read_text()) if p.exists() else None
+
+
+def fingerprint(folder: Path) -> str | None:
+    """A short hash of a zoo model's metadata file (it holds the training log and time, so every build differs)."""
+    p = folder / EXPERT_META
+    return hashlib.blake2b(p.read_bytes(), digest_size=6).hexdigest() if p.exists() else None
+
+
+def zoo_fingerprint(zoo: Path, track: str, kind: str, suite_name: str) -> str:
+    """One hash of every zoo model a comparison depends on: the pretrained model, the ``kind`` experts of
+    the held-in tasks (merged, and the normalisers of held-in accuracy) and the full experts of the
+    held-out tasks (their normalisers). The multitask oracle is not part of it (building it later changes
+    no other result); its record carries its own fingerprint."""
+    suite = get_suite(suite_name)
+    parts = [f"pretrained={fingerprint(pretrained_dir(zoo, track))}"]
+    parts += [f"{kind}/{t}={fingerprint(expert_dir(zoo, track, kind, t))}" for t in suite.held_in]
+    parts += [f"full/{t}={fingerprint(expert_dir(zoo, track, 'full', t))}" for t in suite.held_out]
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=6).hexdigest()
+
+
+def changed_settings(built: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Training settings that differ between an expert's metadata and the requested configuration.
+    Only settings the metadata records are compared: a setting added to the code later defaults to the
+    behaviour older builds had."""
+    return {k: (v, wanted[k]) for k, v in built.items() if k in wanted and wanted[k] != v}
 
 
 def ensure_pretrained(zoo: Path, track: str, source: Path | None = None) -> Path:
@@ -76,10 +108,13 @@ def ensure_pretrained(zoo: Path, track: str, source: Path | None = None) -> Path
 
 def build_zoo(suite_name: str, zoo: Path, *, track: str, kind: str = "full", tasks: list[str] | None = None,
               multitask: bool = False, report: Report | None = None, pretrained: Path | None = None,
-              **overrides: Any) -> list[dict[str, Any]]:
+              rebuild: bool = False, **overrides: Any) -> list[dict[str, Any]]:
     """Build every missing expert of a suite; returns the metadata of all of them.
 
-    ``pretrained`` replaces the track's real model (tests use tiny random ones)."""
+    An expert already built with the requested settings is reused; one built with other settings raises
+    :class:`TaskError` unless ``rebuild`` is set, which retrains the experts of ``tasks`` (the old one is
+    replaced only when the new one is complete). ``pretrained`` replaces the track's real model (tests
+    use tiny random ones)."""
     check_track(track)
     suite = get_suite(suite_name)
     cfg = default_config(track, kind, **overrides)
@@ -91,7 +126,14 @@ def build_zoo(suite_name: str, zoo: Path, *, track: str, kind: str = "full", tas
     metas = []
     for name, job_tasks in jobs:
         out = expert_dir(zoo, track, kind, name)
-        meta = read_meta(out)
+        meta = None if rebuild else read_meta(out)
+        if meta is not None:
+            changed = changed_settings(meta.get("train", {}), cfg.to_dict())
+            if changed:
+                diff = ", ".join(f"{k} {old!r} (asked {new!r})" for k, (old, new) in sorted(changed.items()))
+                raise TaskError(f"{out}: this expert was built with other settings: {diff}",
+                                hint=f"add --rebuild to retrain it (with --tasks {name} for this one only), or "
+                                     "build into another folder with --zoo")
         if meta is None:
             meta = _build_one(suite_name, base, out, track, job_tasks, cfg, zoo,
                               (lambda s, n, loss, _l=name: report(_l, s, n, loss)) if report else None)
