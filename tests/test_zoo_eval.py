@@ -117,6 +117,18 @@ def test_compare_scores_merges_normalises_and_reports(env: dict[str, Path], enco
         own = by[("expert", f"expert:{t}")]["accuracy"][t]
         assert ta["normalized"][t] == pytest.approx(ta["accuracy"][t] / own)
     assert ta["held_out"] == ta["accuracy"]["rotten_tomatoes"]
+    # held-out tasks are probed on the scored model's features: the held-out expert's head scores only itself
+    from moerge.evaluation.evaluate import EvalSettings, Evaluator, OwnHeadEvaluator
+
+    settings = EvalSettings("tiny", "encoder", "test")
+    probed = Evaluator(settings).score(env["zoo"] / "encoder/full/bbc", ["rotten_tomatoes"], probe_only=True)
+    assert by[("expert", "expert:bbc")]["accuracy"]["rotten_tomatoes"] == probed["rotten_tomatoes"]
+    assert exp.evaluator("test").mode("rotten_tomatoes", False) == "probe"
+    assert exp.evaluator("test").mode("bbc", False) == "head"
+    own = OwnHeadEvaluator(settings, env["zoo"] / "encoder/full/rotten_tomatoes", "rotten_tomatoes")
+    assert own.mode("rotten_tomatoes", False) == "head"
+    rt = own.score(env["zoo"] / "encoder/full/rotten_tomatoes", ["rotten_tomatoes"])["rotten_tomatoes"]
+    assert ta["normalized"]["rotten_tomatoes"] == pytest.approx(ta["accuracy"]["rotten_tomatoes"] / rt)
     # the chosen λ is the best on held-in validation, and the sweep never looked at test or held-out tasks
     all_recs = load_records(results)
     sweep = [r for r in all_recs if r["role"] == "sweep" and r["name"] == "task_arithmetic"]
@@ -143,6 +155,24 @@ def test_compare_scores_merges_normalises_and_reports(env: dict[str, Path], enco
     text = write_report(results, warn=warned.append).read_text()
     assert "ghost" not in text and "ghost" not in (results / "encoder-full-table.md").read_text()
     assert len(warned) == 1 and "left out 1 record(s)" in warned[0] and "0ld0ld0ld0ld" in text
+
+
+def test_eval_prints_the_model_next_to_the_baselines(env: dict[str, Path], encoder_zoo: list[dict]) -> None:
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    args = ["eval", str(env["zoo"] / "encoder/full/bbc"), "--suite", "tiny", "--track", "encoder",
+            "--zoo", str(env["zoo"]), "--results", str(env["root"] / "res-eval"), "--name", "bbc-again", "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line.split()[1:] for line in res.output.splitlines()
+            if line.split() and line.split()[0] in ("pretrained", "expert:bbc", "expert:tweets", "multitask",
+                                                    "bbc-again")}
+    assert len(rows) == 5 and "rotten_to*" in res.output  # every baseline; the held-out task is starred
+    assert rows["bbc-again"] == rows["expert:bbc"]  # the same model, scored the same way
+    alone = CliRunner().invoke(main, args + ["--no-baselines"])
+    assert alone.exit_code == 0 and "expert:tweets" not in alone.output and "bbc-again" in alone.output
 
 
 def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:

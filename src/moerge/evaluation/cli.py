@@ -191,16 +191,22 @@ def _common(f: Any) -> Any:
 @_common
 @click.option("--split", type=click.Choice(["validation", "test"]), default="test", show_default=True)
 @click.option("--name", default=None, help="Name of the row in the results (default: the folder or recipe name).")
+@click.option("--no-baselines", is_flag=True, help="Score MODEL alone (no rows for the pretrained model, the "
+              "experts and the oracle).")
 @click.pass_context
 def eval_cmd(ctx: click.Context, model: str, suite: str, track: str, kind: str, zoo_dir: str | None, results: str,
-             val_limit: int | None, test_limit: int | None, quiet: bool, split: str, name: str | None) -> None:
+             val_limit: int | None, test_limit: int | None, quiet: bool, split: str, name: str | None,
+             no_baselines: bool) -> None:
     """Score MODEL (a model folder, a LoRA adapter folder, or a merge recipe) on every task of a suite.
 
     \b
     A recipe is merged first (in its own process; wall time and peak memory are
     recorded). Prints per-task accuracy, accuracy normalised by each task's
-    fine-tuned expert, and the held-in / held-out means; appends a record to
-    RESULTS for `moerge report`. Scores are cached by model content.
+    fine-tuned expert, and the held-in / held-out means, in a table next to
+    the baselines of the zoo on the same split: the pretrained model, each
+    expert and the multitask oracle when built. Appends records to RESULTS for
+    `moerge report`. Scores are cached by model content: the baselines cost
+    their scoring once.
     Example:
       moerge eval ./merged --track decoder
       moerge eval recipe.yaml --track encoder --split validation
@@ -210,6 +216,7 @@ def eval_cmd(ctx: click.Context, model: str, suite: str, track: str, kind: str, 
         import yaml
 
         from moerge.evaluation.experiment import _line
+        from moerge.evaluation.report import text_table
 
         exp = _experiment(suite, track, kind, zoo_dir, results, val_limit, test_limit, quiet)
         path = Path(model)
@@ -222,10 +229,11 @@ def eval_cmd(ctx: click.Context, model: str, suite: str, track: str, kind: str, 
                                       for m in recipe.get("models", [])], **cost)
         else:
             rec = exp.record(name or path.name, "model", path, split)
-        for t, a in rec["accuracy"].items():
-            n = rec["normalized"].get(t)
-            click.echo(f"{t:<18} {a:.3f}" + (f"  (normalised {n:.3f})" if n is not None else ""))
         click.echo(_line(rec))
+        rows = [] if no_baselines else exp.baselines(split)
+        click.echo("\n" + text_table(rows + [rec], suite))
+        norm = ", ".join(f"{t} {n:.3f}" for t, n in rec["normalized"].items())
+        click.echo(f"{split} split; * held-out task. {rec['name']}, normalised by each task's expert: {norm}")
 
     _runner(ctx, body)
 

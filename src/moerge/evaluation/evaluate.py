@@ -7,8 +7,11 @@ split's content, so re-running a report or a sweep never scores twice.
 
 Decoder track: label-word log-likelihood after the task's prompt (zero-shot
 for any task). Encoder track: a held-in task uses its expert's head
-(``heads/<task>/head.safetensors``); any other task, or ``mode="probe"``, a
-linear probe fitted on frozen features of the task's train split.
+(``heads/<task>/head.safetensors``); a held-out task, or any task with
+``probe_only``, a linear probe fitted on the model's frozen features of the
+task's train split. A held-out task's own expert is scored with its own head
+(:class:`OwnHeadEvaluator`): it is the reference held-out accuracy is
+normalised by, and its head never scores another model.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Evaluator:
     def __init__(self, settings: EvalSettings, *, heads: Path | None = None, cache: Path | None = None):
         self.settings = settings
         self.heads = heads
+        self.held_in = set(get_suite(settings.suite).held_in)
         self.cache = (cache or default_cache()) / "eval"
         self._splits: dict[str, Splits] = {}
         self._probe_cache: dict[tuple[str, str], tuple[torch.Tensor, list[int]]] = {}
@@ -112,7 +116,8 @@ class Evaluator:
         return ex[: self.settings.limit] if self.settings.limit else ex
 
     def head_path(self, task: str) -> Path | None:
-        if self.heads is None:
+        """A held-in task's head under ``heads``; None (probe) for a held-out task."""
+        if self.heads is None or task not in self.held_in:
             return None
         p = self.heads / task / "head.safetensors"
         return p if p.exists() else None
@@ -178,3 +183,16 @@ class Evaluator:
             head = fit_probe(tf, [e.label for e in train], len(task.labels))
         with torch.no_grad():
             return accuracy(head(feats), labels)
+
+
+class OwnHeadEvaluator(Evaluator):
+    """Scores a single-task encoder expert on its task with the head stored in its own folder (held-in or
+    held-out: this is the fine-tuned reference accuracy)."""
+
+    def __init__(self, settings: EvalSettings, folder: Path, task: str):
+        super().__init__(settings, heads=folder.parent)
+        self._folder, self._task = folder, task
+
+    def head_path(self, task: str) -> Path | None:
+        p = self._folder / "head.safetensors"
+        return p if task == self._task and p.exists() else None

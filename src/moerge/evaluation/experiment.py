@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moerge.evaluation.evaluate import EvalSettings, Evaluator, files_hash
+from moerge.evaluation.evaluate import EvalSettings, Evaluator, OwnHeadEvaluator, files_hash
 from moerge.evaluation.models import default_cache
 from moerge.evaluation.tasks import TaskError, get_suite
 from moerge.evaluation.zoo import (
@@ -134,7 +134,12 @@ class Experiment:
             if kind == "full" and task not in self.full_experts:
                 return None
             folder = expert_dir(self.zoo, self.track, kind, task)
-            cache[task] = self.evaluator(split, self.zoo / self.track / kind).score(folder, [task])[task]
+            if self.track == "encoder":  # the expert with its own head (a held-out task's head scores nothing else)
+                limit = self.val_limit if split == "validation" else self.test_limit
+                ev: Evaluator = OwnHeadEvaluator(EvalSettings(self.suite, self.track, split, limit), folder, task)
+            else:
+                ev = self.evaluator(split)
+            cache[task] = ev.score(folder, [task])[task]
         return cache[task]
 
     def record(self, name: str, role: str, folder: Path, split: str, tasks: list[str] | None = None,
@@ -237,19 +242,19 @@ class Experiment:
             shutil.rmtree(out, ignore_errors=True)
 
     # -- the protocol --------------------------------------------------------------------------
-    def baselines(self) -> list[dict[str, Any]]:
-        """Pretrained, each expert, and the multitask oracle (when built), on test."""
-        recs = [self.record("pretrained", "pretrained", pretrained_dir(self.zoo, self.track), "test",
+    def baselines(self, split: str = "test") -> list[dict[str, Any]]:
+        """Pretrained, each expert, and the multitask oracle (when built), on ``split``."""
+        recs = [self.record("pretrained", "pretrained", pretrained_dir(self.zoo, self.track), split,
                             probe_only=True)]
         self.log(_line(recs[-1]))
         for t in self.s.held_in:
-            recs.append(self.record(f"expert:{t}", "expert", expert_dir(self.zoo, self.track, self.kind, t), "test",
+            recs.append(self.record(f"expert:{t}", "expert", expert_dir(self.zoo, self.track, self.kind, t), split,
                                     experts=[t]))
             self.log(_line(recs[-1]))
         if MULTITASK in self.experts:
             heads = expert_dir(self.zoo, self.track, self.kind, MULTITASK) / "heads"
             oracle = expert_dir(self.zoo, self.track, self.kind, MULTITASK)
-            recs.append(self.record("multitask", "multitask", oracle, "test",
+            recs.append(self.record("multitask", "multitask", oracle, split,
                                     heads=heads if self.track == "encoder" else None, model=fingerprint(oracle)))
             self.log(_line(recs[-1]))
         return recs

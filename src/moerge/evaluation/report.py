@@ -59,6 +59,22 @@ def markdown_table(records: list[dict[str, Any]], suite: str) -> str:
     return "\n".join(lines)
 
 
+def text_table(records: list[dict[str, Any]], suite: str) -> str:
+    """A compact terminal table: one row per record (accuracy in % per task; held-in/held-out means, raw and
+    normalised). Held-out tasks are starred."""
+    s = get_suite(suite)
+    width = max([5] + [len(r["name"]) for r in records])
+    cols = [f"{t[:9]}{'*' if t in s.held_out else ''}" for t in s.tasks]
+    head = f"{'model':<{width}} " + " ".join(f"{c:>10}" for c in cols) + \
+        f" {'held-in':>8} {'held-out':>8} {'in norm':>8} {'out norm':>8}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        cells = " ".join(f"{_f(r['accuracy'].get(t), True):>10}" for t in s.tasks)
+        lines.append(f"{r['name']:<{width}} {cells} {_f(r['held_in'], True):>8} {_f(r['held_out'], True):>8} "
+                     f"{_f(r['held_in_norm']):>8} {_f(r['held_out_norm']):>8}")
+    return "\n".join(lines)
+
+
 def _stats_cost(r: dict[str, Any]) -> str:
     """What a data-aware merge's statistics cost to compute (all experts, once), e.g. '412 (kfac)'."""
     return f"{r['stats_seconds']:.0f} ({r['stats_kind']})" if "stats_seconds" in r else ""

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moerge.evaluation.evaluate import EXPERT_META, EvalSettings, Evaluator
+from moerge.evaluation.evaluate import EXPERT_META, EvalSettings, Evaluator, OwnHeadEvaluator
 from moerge.evaluation.models import check_track, pretrained_path
 from moerge.evaluation.tasks import TaskError, get_suite, get_task, make_splits
 from moerge.evaluation.train import TrainConfig, default_config
@@ -196,7 +196,7 @@ def _build_one(suite_name: str, base: Path, out: Path, track: str, tasks: list[s
     # validation accuracy of this expert and of the pretrained model on its own task(s)
     settings = EvalSettings(suite_name, track, "validation")
     if track == "encoder" and len(tasks) == 1:  # the head sits in the expert folder itself
-        mine: Evaluator = _SelfHeadEvaluator(settings, tmp, tasks[0])
+        mine: Evaluator = OwnHeadEvaluator(settings, tmp, tasks[0])
     else:
         mine = Evaluator(settings, heads=tmp / "heads" if track == "encoder" else None)
     ev = Evaluator(settings)
@@ -207,18 +207,6 @@ def _build_one(suite_name: str, base: Path, out: Path, track: str, tasks: list[s
         shutil.rmtree(out)
     tmp.replace(out)
     return meta
-
-
-class _SelfHeadEvaluator(Evaluator):
-    """Scores a single-task encoder expert with the head stored in its own folder."""
-
-    def __init__(self, settings: EvalSettings, folder: Path, task: str):
-        super().__init__(settings, heads=folder.parent)
-        self._folder, self._task = folder, task
-
-    def head_path(self, task: str) -> Path | None:
-        p = self._folder / "head.safetensors"
-        return p if task == self._task and p.exists() else None
 
 
 def heads_root(zoo: Path, track: str, kind: str) -> Path:
