@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from moerge.evaluation.models import check_track, default_cache
+from moerge.evaluation.models import check_track, default_cache, quiet_peft
 from moerge.evaluation.tasks import Splits, TaskError, get_suite, get_task, suite_splits
 
 SCORING_VERSION = 1
@@ -86,7 +86,8 @@ def load_model(folder: Path, track: str) -> tuple[Any, Any]:
         from peft import PeftModel
 
         base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32), str(folder))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32), str(folder))
         model = model.merge_and_unload()
         tok_dir = folder if (folder / "tokenizer_config.json").exists() else Path(base)
     else:

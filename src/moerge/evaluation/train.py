@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from moerge.evaluation.models import quiet_peft
 from moerge.evaluation.tasks import Example, Task
 
 LORA_TARGETS = {
@@ -99,7 +100,8 @@ def _lora(model: Any, track: str, cfg: TrainConfig) -> Any:
 
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=LORA_TARGETS[track], bias="none")
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config)
 
 
 # ---------------------------------------------------------------------------------------------- decoder
