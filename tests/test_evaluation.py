@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from moerge.evaluation.scoring import accuracy, label_logprobs
+from moerge.evaluation.scoring import accuracy, hits, label_logprobs
 from moerge.evaluation.tasks import (
     SUITES,
     Example,
@@ -146,6 +146,34 @@ def test_label_logprobs_match_a_brute_force_computation(tiny_lm, words):
 def test_accuracy_on_a_hand_made_case():
     scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     assert accuracy(scores, [1, 0, 0, 0]) == 0.75
+    assert hits(scores, [1, 0, 0, 0]) == "1101" and hits(scores[:0], []) == ""
+
+
+def _rec(correct: dict[str, str], reference: dict[str, float]) -> dict:
+    acc = {t: c.count("1") / len(c) for t, c in correct.items()}
+    return {"correct": correct, "reference": reference, "accuracy": acc,
+            "normalized": {t: acc[t] / reference[t] for t in acc}}
+
+
+def test_paired_interval_on_hand_made_cases():
+    from moerge.evaluation.report import paired_interval
+
+    # x: a right everywhere b is wrong (difference 1 in every resample); y: identical (0): mean 0.5, no spread
+    a = _rec({"x": "1111", "y": "1010"}, {"x": 1.0, "y": 0.5})
+    b = _rec({"x": "0000", "y": "1010"}, {"x": 1.0, "y": 0.5})
+    assert paired_interval(a, b, ["x", "y"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert paired_interval(b, a, ["x", "y"]) == pytest.approx((-0.5, -0.5, -0.5))
+    # one task, a right on 2 of 4, b on 1 of 4 (a subset): difference 1/4 over a normaliser of 0.5 = 0.5;
+    # a resample can only hold 0..4 copies of the one differing example: the interval lies in [0, 2]
+    a, b = _rec({"x": "1100"}, {"x": 0.5}), _rec({"x": "1000"}, {"x": 0.5})
+    point, lo, hi = paired_interval(a, b, ["x"], n_boot=4000)
+    assert point == pytest.approx(0.5) and 0.0 <= lo < 0.5 < hi <= 2.0
+    # the resampled difference is K/4/0.5 with K ~ Binomial(4, 1/4): P(K=0) = 0.32, P(K<=2) = 0.95,
+    # P(K<=3) = 0.996, so the 2.5% quantile is K=0 -> 0.0 and the 97.5% quantile K=3 -> 1.5
+    assert lo == 0.0 and hi == 1.5
+    assert paired_interval(a, b, ["x"], n_boot=4000) == (point, lo, hi)  # seeded
+    assert paired_interval(a, _rec({"x": "100"}, {"x": 0.5}), ["x"]) is None  # not the same examples
+    assert paired_interval(a, {"accuracy": {}, "normalized": {}}, ["x"]) is None  # no per-example hits
 
 
 # ------------------------------------------------------------------------------------------ training schedule

@@ -144,6 +144,22 @@ def test_compare_scores_merges_normalises_and_reports(env: dict[str, Path], enco
     assert "task_arithmetic" in text and text.count("data:image/png;base64") >= 2
     assert (results / "encoder-full-normalized.png").stat().st_size > 1000
     assert "| task_arithmetic |" in markdown_table(all_recs, "tiny")
+    # per-example hits back every accuracy; a cached score from before they were kept is scored again
+    for r in all_recs:
+        assert all(r["accuracy"][t] == r["correct"][t].count("1") / len(r["correct"][t]) for t in r["accuracy"])
+    pre = by[("pretrained", "pretrained")]
+    stripped = 0
+    for p in (env["root"] / "cache/eval").rglob("*.json"):
+        payload = json.loads(p.read_text())
+        if payload["model"] == str(env["zoo"] / "encoder/pretrained"):
+            payload.pop("correct")
+            p.write_text(json.dumps(payload))
+            stripped += 1
+    assert stripped >= 3
+    again = exp.record("pretrained", "pretrained", env["zoo"] / "encoder/pretrained", "test", probe_only=True)
+    assert again["correct"] == pre["correct"] and again["accuracy"] == pre["accuracy"]
+    table = markdown_table(load_records(results), "tiny")
+    assert "vs best merge (95% CI)" in table and "| best |" in table and " [" in table
     # every record names the zoo it was scored against; the baselines alone can be re-scored
     assert {r["zoo"] for r in all_recs} == {zoo_fingerprint(env["zoo"], "encoder", "full", "tiny")}
     assert [r["role"] for r in exp.compare([], grid="small")] == ["pretrained", "expert", "expert", "multitask"]

@@ -141,38 +141,52 @@ class Evaluator:
     def score(self, model_dir: str | os.PathLike[str], tasks: list[str] | None = None, *,
               probe_only: bool = False) -> dict[str, float]:
         """Accuracy per task (cached); ``probe_only`` scores every encoder task with a linear probe."""
+        return {t: r["accuracy"] for t, r in self.results(model_dir, tasks, probe_only=probe_only).items()}
+
+    def hits(self, model_dir: str | os.PathLike[str], tasks: list[str] | None = None, *,
+             probe_only: bool = False) -> dict[str, str]:
+        """Per task, which evaluated examples the model gets right ("0"/"1" per example, in split order)."""
+        return {t: r["correct"] for t, r in self.results(model_dir, tasks, probe_only=probe_only).items()}
+
+    def results(self, model_dir: str | os.PathLike[str], tasks: list[str] | None = None, *,
+                probe_only: bool = False) -> dict[str, dict[str, Any]]:
+        """The cached result of each task (accuracy, per-example hits, settings), scoring what is missing.
+        A cached result without per-example hits (written before they were kept) is scored again."""
         folder = Path(model_dir)
         tasks = tasks or list(get_suite(self.settings.suite).tasks)
         h = files_hash(folder)
-        out, todo = {}, []
+        out: dict[str, dict[str, Any]] = {}
+        todo = []
         for t in tasks:
             key = self._key(h, t, self.mode(t, probe_only))
-            if key.exists():
-                out[t] = json.loads(key.read_text())["accuracy"]
+            cached = json.loads(key.read_text()) if key.exists() else None
+            if cached is not None and "correct" in cached:
+                out[t] = cached
             else:
                 todo.append((t, key))
         if todo:
             model, tok = load_model(folder, self.settings.track)
             for t, key in todo:
-                out[t] = self._score_one(model, tok, t, self.mode(t, probe_only))
+                correct = self._score_one(model, tok, t, self.mode(t, probe_only))
+                out[t] = {"accuracy": correct.count("1") / len(correct) if correct else float("nan"),
+                          "correct": correct, "model": str(folder), "task": t,
+                          "settings": asdict(self.settings), "mode": self.mode(t, probe_only), "n": len(correct)}
                 key.parent.mkdir(parents=True, exist_ok=True)
                 tmp = key.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"accuracy": out[t], "model": str(folder), "task": t,
-                                           "settings": asdict(self.settings), "mode": self.mode(t, probe_only),
-                                           "n": len(self.examples(t))}))
+                tmp.write_text(json.dumps(out[t]))
                 tmp.replace(key)
             del model
         return {t: out[t] for t in tasks}
 
-    def _score_one(self, model: Any, tok: Any, task_name: str, mode: str) -> float:
-        from moerge.evaluation.scoring import accuracy, label_logprobs
+    def _score_one(self, model: Any, tok: Any, task_name: str, mode: str) -> str:
+        from moerge.evaluation.scoring import hits, label_logprobs
 
         task, ex = get_task(task_name), self.examples(task_name)
         labels = [e.label for e in ex]
         if mode == "label-words":
             scores = label_logprobs(model, tok, [task.render(e.text) for e in ex], task.words,
                                     max_length=self.settings.max_length, batch_size=16)
-            return accuracy(scores, labels)
+            return hits(scores, labels)
         from moerge.evaluation.encoder import embed, fit_probe, load_head
 
         feats = embed(model, tok, [e.text for e in ex], max_length=self.settings.max_length)
@@ -183,7 +197,7 @@ class Evaluator:
             tf = embed(model, tok, [e.text for e in train], max_length=self.settings.max_length)
             head = fit_probe(tf, [e.label for e in train], len(task.labels))
         with torch.no_grad():
-            return accuracy(head(feats), labels)
+            return hits(head(feats), labels)
 
 
 class OwnHeadEvaluator(Evaluator):

@@ -146,7 +146,8 @@ class Experiment:
                probe_only: bool = False, heads: Path | None = None, **extra: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         tasks = tasks or list(self.s.tasks)
-        acc = self.evaluator(split, heads).score(folder, tasks, probe_only=probe_only)
+        results = self.evaluator(split, heads).results(folder, tasks, probe_only=probe_only)
+        acc = {t: r["accuracy"] for t, r in results.items()}
         norm_by = {t: self.normaliser(split, t) for t in tasks}
         normalized = {t: acc[t] / norm_by[t] for t in tasks if norm_by[t]}
         held_in = [t for t in tasks if t in self.s.held_in]
@@ -158,6 +159,8 @@ class Experiment:
             "held_in": _mean([acc[t] for t in held_in]), "held_out": _mean([acc[t] for t in held_out]),
             "held_in_norm": _mean([normalized[t] for t in held_in if t in normalized]),
             "held_out_norm": _mean([normalized[t] for t in held_out if t in normalized]),
+            "reference": norm_by,  # each task's normaliser (the expert's accuracy on the same examples)
+            "correct": {t: r["correct"] for t, r in results.items()},  # per example, for paired comparisons
             "eval_seconds": round(time.perf_counter() - t0, 1),
             "zoo": self.zoo_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
         }

@@ -44,15 +44,66 @@ def test_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                        else 0, r["name"]))
 
 
+def _normaliser(r: dict[str, Any], task: str) -> float | None:
+    ref = (r.get("reference") or {}).get(task)
+    if ref:
+        return float(ref)
+    a, n = r["accuracy"].get(task), r["normalized"].get(task)
+    return a / n if a and n else None
+
+
+def paired_interval(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, n_boot: int = 2000,
+                    seed: int = 0, level: float = 0.95) -> tuple[float, float, float] | None:
+    """Difference of mean normalised accuracy over ``tasks``, record ``a`` minus record ``b``, with a paired
+    percentile-bootstrap interval: each task's test examples are resampled (the same draws for both models,
+    which were scored on the same examples) and each task's normaliser is held at its observed value.
+    None when either record lacks per-example hits for a task."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    point, boot = 0.0, np.zeros(n_boot)
+    for t in tasks:
+        ca, cb = (a.get("correct") or {}).get(t), (b.get("correct") or {}).get(t)
+        norm = _normaliser(a, t) or _normaliser(b, t)
+        if not ca or not cb or len(ca) != len(cb) or not norm:
+            return None
+        d = np.frombuffer(ca.encode(), np.uint8).astype(np.int8) - np.frombuffer(cb.encode(), np.uint8).astype(np.int8)
+        point += d.mean() / norm
+        boot += d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1) / norm
+    k = len(tasks)
+    lo, hi = np.quantile(boot / k, [(1 - level) / 2, (1 + level) / 2])
+    return point / k, float(lo), float(hi)
+
+
+def versus_best(records: list[dict[str, Any]], suite: str) -> dict[int, str]:
+    """For each test row (by id), its held-in normalised accuracy minus that of the best merge, with the
+    paired 95% interval, e.g. "-0.007 [-0.015, +0.001]"; "best" for the best merge itself."""
+    rows = test_rows(records)
+    merges = [r for r in rows if r["role"] == "merge" and r["held_in_norm"] is not None]
+    if not merges:
+        return {}
+    best = max(merges, key=lambda r: r["held_in_norm"])
+    held_in = list(get_suite(suite).held_in)
+    out = {id(best): "best"}
+    for r in rows:
+        if r is not best:
+            iv = paired_interval(r, best, held_in)
+            if iv:
+                out[id(r)] = f"{iv[0]:+.3f} [{iv[1]:+.3f}, {iv[2]:+.3f}]"
+    return out
+
+
 def markdown_table(records: list[dict[str, Any]], suite: str) -> str:
     """The test table in Markdown (for the README)."""
     s = get_suite(suite)
     head = ["model", "values (chosen on validation)", *s.tasks, "held-in", "held-out", "held-in norm",
-            "held-out norm", "merge s", "merge MiB", "statistics s"]
+            "vs best merge (95% CI)", "held-out norm", "merge s", "merge MiB", "statistics s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    vs = versus_best(records, suite)
     for r in test_rows(records):
         cells = [r["name"], _params(r)] + [_f(r["accuracy"].get(t), True) for t in s.tasks]
-        cells += [_f(r["held_in"], True), _f(r["held_out"], True), _f(r["held_in_norm"]), _f(r["held_out_norm"])]
+        cells += [_f(r["held_in"], True), _f(r["held_out"], True), _f(r["held_in_norm"]), vs.get(id(r), ""),
+                  _f(r["held_out_norm"])]
         cells += [f"{r['merge_seconds']:.1f}" if "merge_seconds" in r else "",
                   f"{r['merge_peak_mib']:.0f}" if "merge_peak_mib" in r else "", _stats_cost(r)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -152,20 +203,23 @@ def figures(records: list[dict[str, Any]], title: str) -> dict[str, bytes]:
 def _html_table(records: list[dict[str, Any]], suite: str) -> str:
     s = get_suite(suite)
     head = ["model", "values", *[f"{t}{'*' if t in s.held_out else ''}" for t in s.tasks], "held-in", "held-out",
-            "held-in norm", "held-out norm", "merge s", "merge MiB", "statistics s"]
+            "held-in norm", "vs best merge (95% CI)", "held-out norm", "merge s", "merge MiB", "statistics s"]
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    vs = versus_best(records, suite)
     for r in test_rows(records):
         cells = [r["name"], _params(r)]
         for t in s.tasks:
             a, n = r["accuracy"].get(t), r["normalized"].get(t)
             cells.append(f"{_f(a, True)}<small> ({_f(n)})</small>" if n is not None else _f(a, True))
         cells += [_f(r["held_in"], True), _f(r["held_out"], True), f"<b>{_f(r['held_in_norm'])}</b>",
-                  f"<b>{_f(r['held_out_norm'])}</b>", f"{r.get('merge_seconds', '')}", f"{r.get('merge_peak_mib', '')}",
+                  vs.get(id(r), ""), f"<b>{_f(r['held_out_norm'])}</b>", f"{r.get('merge_seconds', '')}", f"{r.get('merge_peak_mib', '')}",
                   _stats_cost(r)]
         out.append("<tr>" + "".join(f"<td>{c if '<' in str(c) else html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "\n".join(out) + "</table><p><small>* held-out task. Accuracy in %, normalised by each task's fine-tuned " \
                             "expert in brackets. Statistics: seconds to compute every expert's statistics " \
-                            "(once; data-aware methods only).</small></p>"
+                            "(once; data-aware methods only). vs best merge: held-in normalised accuracy minus " \
+                            "the best merge's, with a paired bootstrap 95% interval over the test examples " \
+                            "(an interval that excludes 0 resolves the ranking).</small></p>"
 
 
 def _sweep_table(records: list[dict[str, Any]]) -> str:

@@ -105,7 +105,14 @@ def _continuation_logprob(model: Any, seqs: list[list[int]], tail: list[int], pa
 
 def accuracy(scores: torch.Tensor, labels: Sequence[int]) -> float:
     """Share of rows whose highest score is at the true label."""
+    right = hits(scores, labels)
+    return right.count("1") / len(right) if right else float("nan")
+
+
+def hits(scores: torch.Tensor, labels: Sequence[int]) -> str:
+    """Per row, "1" where the highest score is at the true label, else "0" (a compact record of which
+    examples a model gets right, for paired comparisons of two models on the same examples)."""
     if len(labels) == 0:
-        return float("nan")
+        return ""
     pred = scores.argmax(dim=1)
-    return float((pred == torch.tensor(list(labels))).double().mean())
+    return "".join("1" if ok else "0" for ok in (pred == torch.tensor(list(labels))).tolist())
