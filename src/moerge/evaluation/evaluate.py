@@ -143,11 +143,6 @@ class Evaluator:
         """Accuracy per task (cached); ``probe_only`` scores every encoder task with a linear probe."""
         return {t: r["accuracy"] for t, r in self.results(model_dir, tasks, probe_only=probe_only).items()}
 
-    def hits(self, model_dir: str | os.PathLike[str], tasks: list[str] | None = None, *,
-             probe_only: bool = False) -> dict[str, str]:
-        """Per task, which evaluated examples the model gets right ("0"/"1" per example, in split order)."""
-        return {t: r["correct"] for t, r in self.results(model_dir, tasks, probe_only=probe_only).items()}
-
     def results(self, model_dir: str | os.PathLike[str], tasks: list[str] | None = None, *,
                 probe_only: bool = False) -> dict[str, dict[str, Any]]:
         """The cached result of each task (accuracy, per-example hits, settings), scoring what is missing.
