@@ -120,10 +120,11 @@ class Experiment:
         self._normalisers: dict[str, dict[str, float | None]] = {}
 
     # -- scoring -------------------------------------------------------------------------------
+    def settings(self, split: str) -> EvalSettings:
+        return EvalSettings(self.suite, self.track, split, self.val_limit if split == "validation" else self.test_limit)
+
     def evaluator(self, split: str, heads: Path | None = None) -> Evaluator:
-        limit = self.val_limit if split == "validation" else self.test_limit
-        return Evaluator(EvalSettings(self.suite, self.track, split, limit),
-                         heads=heads if heads is not None else self.zoo / self.track / self.kind)
+        return Evaluator(self.settings(split), heads=heads if heads is not None else self.zoo / self.track / self.kind)
 
     def normaliser(self, split: str, task: str) -> float | None:
         """A task's accuracy under its own fine-tuned expert (held-in: the merged kind's expert; held-out:
@@ -135,8 +136,7 @@ class Experiment:
                 return None
             folder = expert_dir(self.zoo, self.track, kind, task)
             if self.track == "encoder":  # the expert with its own head (a held-out task's head scores nothing else)
-                limit = self.val_limit if split == "validation" else self.test_limit
-                ev: Evaluator = OwnHeadEvaluator(EvalSettings(self.suite, self.track, split, limit), folder, task)
+                ev: Evaluator = OwnHeadEvaluator(self.settings(split), folder, task)
             else:
                 ev = self.evaluator(split)
             cache[task] = ev.score(folder, [task])[task]
@@ -154,7 +154,7 @@ class Experiment:
         held_out = [t for t in tasks if t in self.s.held_out]
         rec = {
             "name": name, "role": role, "suite": self.suite, "track": self.track, "kind": self.kind,
-            "split": split, "limit": self.val_limit if split == "validation" else self.test_limit,
+            "split": split, "limit": self.settings(split).limit,
             "accuracy": acc, "normalized": normalized,
             "held_in": _mean([acc[t] for t in held_in]), "held_out": _mean([acc[t] for t in held_out]),
             "held_in_norm": _mean([normalized[t] for t in held_in if t in normalized]),
