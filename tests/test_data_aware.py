@@ -322,7 +322,7 @@ def test_mats_task_arithmetic_start_needs_a_base(zoo: dict[str, Path], tmp_path:
         api.merge(_recipe(tmp_path, "mats", zoo, "gram"), tmp_path / "out")
 
 
-def _copy_stats(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001
+def _copy_stats(src: Path, dst: Path, edit) -> Path:
     import shutil
 
     shutil.copytree(src, dst)
@@ -381,3 +381,14 @@ def test_a_comparison_names_a_statistic_with_method_at_statistic() -> None:
     assert method_and_statistic("ties") == ("ties", None)
     with pytest.raises(MoergeError, match="ties reads no statistics"):
         method_and_statistic("ties@gram")
+
+
+def test_model_card_lists_statistics_apart_from_the_models(zoo: dict[str, Path], tmp_path: Path) -> None:
+    # a data-aware merge without a base: the card's base_model is the merged experts, never their statistics
+    res = api.merge(_recipe(tmp_path, "fisher", zoo, "fisher"), tmp_path / "out")
+    card = (res.output / "README.md").read_text()
+    front = card.split("---")[1]
+    assert str(zoo["e1"]) in front and str(zoo["e2"]) in front
+    assert str(zoo["fisher1"]) not in front and str(zoo["fisher2"]) not in front
+    statistics = card.split("## Statistics")[1].split("##")[0]
+    assert str(zoo["fisher1"]) in statistics and str(zoo["fisher2"]) in statistics

@@ -371,7 +371,7 @@ def test_bad_shard_size():
 
 
 def test_forced_replacement_interrupted_between_renames_is_recovered(llama, tmp_path):
-    from moerge.io.writer import clean_stale_temp_dirs
+    from moerge.io.publish import clean_stale_temp_dirs
 
     out = tmp_path / "out"
     out.mkdir()
@@ -392,3 +392,52 @@ def test_cuda_requested_without_cuda(llama, tmp_path):
 def test_auto_device_merges(llama, tmp_path):
     moerge.merge(recipe("linear", None, [llama["ft1"]]), tmp_path / "out", device="auto")
     assert torch.equal(load_tensors(tmp_path / "out")["lm_head.weight"], load_tensors(llama["ft1"])["lm_head.weight"])
+
+
+def test_failed_plans_and_merges_close_every_checkpoint(llama, tmp_path, monkeypatch):
+    # a long-running process (a git filter, a worker) must not keep a file open per failed merge: every
+    # reader opened is closed when the merge fails, not later by the garbage collector
+    from moerge.io.safetensors_format import SafetensorsReader
+
+    opened: list[SafetensorsReader] = []  # held here, so only an explicit close can close them
+    init = SafetensorsReader.__init__
+
+    def tracking_init(self, path):
+        init(self, path)
+        opened.append(self)
+
+    monkeypatch.setattr(SafetensorsReader, "__init__", tracking_init)
+    bad = edit_model(llama["ft1"], tmp_path / "bad", lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up" not in k})
+    nan = edit_model(llama["ft2"], tmp_path / "nan", lambda t: {k: (v * float("nan") if "layers.0.mlp.up" in k else v)
+                                                                for k, v in t.items()})
+    for models, error in (([llama["ft1"], nan], NonFiniteError),  # fails while merging
+                          ([llama["ft1"], bad], PlanError),  # fails while planning
+                          ([llama["ft1"], tmp_path / "missing"], CheckpointError)):  # fails while opening
+        opened.clear()
+        with pytest.raises(error):
+            moerge.merge(recipe("ties", llama["base"], models), tmp_path / "out")
+        assert opened and all(r._fd is None for r in opened), error.__name__
+    assert not (tmp_path / "out").exists()
+
+
+def test_mergekit_keys_moerge_does_not_apply_yet_are_warned_about(llama, tmp_path):
+    text = (f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters: {{weight: 1.0}}\n"
+            f"  - model: {llama['ft2']}\n    parameters: {{weight: 1.0}}\nchat_template: chatml\n"
+            f"tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n")
+    res = moerge.merge(text, tmp_path / "out", dry_run=True)
+    assert any("chat_template is not applied" in w and ":7" in w for w in res.warnings)
+    assert any("pad_to_multiple_of is not applied" in w and "64" in w and ":10" in w for w in res.warnings)
+    plain = text.split("chat_template")[0]
+    assert not moerge.merge(plain, tmp_path / "out", dry_run=True).warnings
+
+
+def test_eval_reads_a_recipe_with_the_recipe_loader(tmp_path):
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: ties\nbase_model: ./base\nmodels:\n  - model: ./a\ndensty: 0.5\n")
+    res = CliRunner().invoke(main, ["eval", str(bad), "--zoo", str(tmp_path / "zoo"), "--results", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert "bad.yaml:5" in res.output and "densty" in res.output

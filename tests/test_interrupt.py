@@ -63,7 +63,7 @@ def test_sigkill_leaves_no_output(llama, tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if ".moerge-tmp-" in p.name]
     assert leftovers and all(p.name.startswith(".") for p in leftovers)  # hidden, not a model path
     # the next merge to the same output cleans the dead process's temporary directory
-    from moerge.io.writer import clean_stale_temp_dirs
+    from moerge.io.publish import clean_stale_temp_dirs
 
     assert clean_stale_temp_dirs(out) == leftovers
 

@@ -9,8 +9,8 @@ import torch
 
 from moerge import native as kernels
 from moerge.methods import get_method
-from moerge.methods.blocks import RankSelect, RankWindowMask
-from moerge.methods.sparsify import breadcrumbs_counts, topk_window
+from moerge.methods.masks import breadcrumbs_counts, topk_window
+from moerge.methods.select import RankSelect, RankWindowMask
 
 T = torch.tensor
 

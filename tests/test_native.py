@@ -13,7 +13,7 @@ import moerge
 from conftest import load_tensors, recipe
 from moerge import native
 from moerge.errors import NonFiniteError
-from moerge.methods.sparsify import bernoulli_keep_range
+from moerge.methods.masks import bernoulli_keep_range
 from test_methods_values import run
 
 pytestmark = pytest.mark.skipif(not native.available() and os.environ.get("MOERGE_NATIVE") == "0",
@@ -198,13 +198,13 @@ class _Bracketing:
     """Sampled-bracket selection for every tensor, however small (it normally starts at 256 Ki elements)."""
 
     def __enter__(self):
-        from moerge.methods.blocks import RankSelect
+        from moerge.methods.select import RankSelect
 
         self.saved = RankSelect.SAMPLE_MIN, RankSelect.SAMPLE_MIN_VALUES
         RankSelect.SAMPLE_MIN, RankSelect.SAMPLE_MIN_VALUES = 0, 1
 
     def __exit__(self, *exc):
-        from moerge.methods.blocks import RankSelect
+        from moerge.methods.select import RankSelect
 
         RankSelect.SAMPLE_MIN, RankSelect.SAMPLE_MIN_VALUES = self.saved
 
@@ -226,7 +226,7 @@ def test_sampled_bracket_selection_equals_torch_path(rows, cols, k, seed, method
 
 def test_a_bracket_that_misses_falls_back_to_exact_radix_passes():
     from moerge.methods import get_method
-    from moerge.methods.blocks import run_whole, sample_positions
+    from moerge.methods.protocol import run_whole, sample_positions
 
     n = 300_000
     g = torch.Generator().manual_seed(0)
@@ -256,7 +256,7 @@ def test_merge_samples_every_run_of_a_large_tensor(tmp_path, monkeypatch, map_li
     from safetensors.torch import save_file
 
     from moerge import execute
-    from moerge.methods.blocks import RankSelect
+    from moerge.methods.select import RankSelect
 
     if map_limit is not None:
         monkeypatch.setattr(execute, "MAP_LIMIT", map_limit)
@@ -296,7 +296,7 @@ def test_merge_samples_every_run_of_a_large_tensor(tmp_path, monkeypatch, map_li
 def test_dare_l1_keep_bits_reused_by_the_emit_pass(method, block, monkeypatch):
     # mergekit's L1 rescale needs a statistics pass; the emit pass reuses its keep bits instead of
     # hashing again, and must give the very same mask (blocks not a multiple of 8 included)
-    from moerge.methods.consensus import DropSparsifier
+    from moerge.methods.task_vector import DropSparsifier
 
     base, models = _inputs(37, 53, 3, 11, False, torch.bfloat16)
     used = []
@@ -318,7 +318,8 @@ def test_dare_l1_keep_bits_reused_by_the_emit_pass(method, block, monkeypatch):
 def test_a_bracket_around_a_huge_run_of_one_value_is_not_taken():
     # half the magnitudes are exactly 1.0 and the wanted rank falls in that run: widened to the
     # neighbouring values, the bracket would gather half the tensor, so radix passes are used instead
-    from moerge.methods.blocks import RankSelect, sample_of
+    from moerge.methods.protocol import sample_of
+    from moerge.methods.select import RankSelect
 
     n = 400_000
     g = torch.Generator().manual_seed(1)

@@ -80,7 +80,7 @@ def test_dare_keeps_about_density_and_preserves_expectation(seed, p, conventions
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(2, 300), seed=seeds, d=st.floats(0.05, 1.0), block=st.integers(1, 64))
 def test_magnitude_trim_keeps_exactly_k_largest(n, seed, d, block):
-    from moerge.methods.sparsify import topk_window
+    from moerge.methods.masks import topk_window
     from test_methods_values import window_mask
 
     x = tensor(n, seed).abs()

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from moerge.evaluation.tasks import TaskError, get_suite, make_splits  # noqa: E402
+from moerge.evaluation.tasks import TaskError, get_suite, make_splits
 
 
 def _data_installed() -> bool:
@@ -26,7 +26,7 @@ def _data_installed() -> bool:
 
         pretrained_path("encoder")
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 

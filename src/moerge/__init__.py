@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from moerge.version import __version__
+
 __all__ = ["__version__", "diff", "inspect", "merge", "methods", "load_recipe"]
 
 

@@ -14,11 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moerge import __version__
 from moerge.errors import MoergeError
+from moerge.io.writer import ModelWriter, parse_size
 from moerge.recipe import LoadedRecipe, Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from moerge.plan import Plan
+from moerge.version import __version__
 
 
 @dataclass
@@ -56,27 +60,46 @@ def merge(
     layer's change, see :func:`moerge.extract.extract_lora`); ``notes["lora"]``
     says how much of the change the rank cut discarded.
     """
-    from moerge.execute import execute
-    from moerge.io.sidefiles import CONFIG_SIDE_FILES, model_card, output_config, tokenizer_files
-    from moerge.io.writer import ModelWriter, parse_size
-    from moerge.plan import LAYER_COUNT_KEYS, check_disk_space, make_plan
+    from moerge.plan import make_plan
 
     t0 = time.perf_counter()
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     plan = make_plan(loaded, allow_pickle=allow_pickle)
-    out = final = Path(out_dir)
-    size = parse_size(shard_size)
+    try:
+        out = final = Path(out_dir)
+        size = parse_size(shard_size)
+        if lora_rank is not None:
+            out = _lora_staging(plan, final, force)
+        if dry_run:
+            return MergeResult(None, plan.summary(), time.perf_counter() - t0, warnings=plan.warnings)
+        path, stats, notes = _write_merge(plan, out, size=size, force=force, device=device,
+                                          allow_nonfinite=allow_nonfinite, progress=progress)
+    finally:
+        plan.close()
     if lora_rank is not None:
-        if plan.base_index is None:
-            raise MoergeError(f"{plan.method.name} has no base model; a LoRA adapter needs one",
-                              hint="add base_model to the recipe, or drop --lora-rank")
-        if final.exists() and not force:
-            raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
-        out = final.parent / f".{final.name}.full-merge"
-    if dry_run:
-        return MergeResult(None, plan.summary(), time.perf_counter() - t0, warnings=plan.warnings)
-    tensors = [(i.name, i.dtype, i.shape) for i in plan.items]
-    total = len(tensors)
+        path, notes["lora"] = _write_lora(path, plan, final, lora_rank, force)
+    summary = plan.summary() | {"bytes_read": stats.bytes_read, "prepass_seconds": stats.prepass_seconds}
+    return MergeResult(path, summary, time.perf_counter() - t0, notes, plan.warnings)
+
+
+def _lora_staging(plan: Plan, final: Path, force: bool) -> Path:
+    """Where a merge written as a LoRA adapter is first written in full (beside the adapter's folder)."""
+    if plan.base_index is None:
+        raise MoergeError(f"{plan.method.name} has no base model; a LoRA adapter needs one",
+                          hint="add base_model to the recipe, or drop --lora-rank")
+    if final.exists() and not force:
+        raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
+    return final.parent / f".{final.name}.full-merge"
+
+
+def _write_merge(plan: Plan, out: Path, *, size: int, force: bool, device: str | None, allow_nonfinite: bool,
+                 progress: Callable[[str, int, int], None] | None) -> tuple[Path, Any, dict[str, Any]]:
+    """Stream the plan into ``out`` with its side files and card; returns the path, the executor's
+    statistics and the notes for the user."""
+    from moerge.execute import execute
+    from moerge.plan import check_disk_space
+
+    total = len(plan.items)
     done = [0]
 
     def on_tensor(item: Any, k: int) -> None:
@@ -84,56 +107,64 @@ def merge(
         if progress is not None:
             progress(item.name, done[0], total)
 
+    tensors = [(i.name, i.dtype, i.shape) for i in plan.items]
     with ModelWriter(out, tensors, shard_size=size, force=force,
                      metadata={"format": "pt", "moerge_version": __version__}) as writer:
         check_disk_space(plan, out)
         stats = execute(plan, writer, device=device, allow_nonfinite=allow_nonfinite, progress=on_tensor)
-        cfg_ckpt = plan.checkpoints[plan.config_source]
-        out_dtype = plan.recipe.output_dtype or _main_dtype(plan)
-        cfg = output_config(cfg_ckpt.config, out_dtype,
-                            plan.num_layers_out if plan.recipe.slices else None, LAYER_COUNT_KEYS)
-        if cfg is not None:
-            import json
+        notes = _write_side_files(plan, writer, stats.notes)
+        return writer.commit(), stats, notes
 
-            writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
-        for name in CONFIG_SIDE_FILES:
-            if (cfg_ckpt.root / name).is_file():
-                writer.copy_file(cfg_ckpt.root / name)
-        for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source].root):
-            writer.copy_file(f)
-        recipe_text = loaded.text or _dump_recipe(plan.recipe)
-        writer.write_text("moerge_recipe.yaml", recipe_text)
-        notes = {k: v for k, v in stats.notes.items()}
-        per_tensor = {k: v for k, v in notes.items() if isinstance(v, dict)}
-        if per_tensor:  # a solver's report per layer: the whole of it in a file, its extremes in the card
-            import json
 
-            writer.write_text("moerge_merge_report.json", json.dumps(per_tensor, indent=1) + "\n")
-            notes.update({k: _extremes(v) for k, v in per_tensor.items()})
-        if "lerp_fallback" in notes:
-            notes["lerp_fallback"] = (f"{notes['lerp_fallback']} of {total} tensors were nearly colinear "
-                                      "and linearly interpolated")
-        base_ref = plan.checkpoints[plan.base_index].ref if plan.base_index is not None else None
-        writer.write_text("README.md", model_card(
-            method=plan.method, recipe_text=recipe_text, conventions=plan.recipe.conventions,
-            inputs=[c.ref for c in plan.checkpoints], base=base_ref, version=__version__,
-            summary=plan.summary(), notes=notes))
-        path = writer.commit()
-    for c in plan.checkpoints:
-        c.close()
-    if lora_rank is not None:
-        from moerge.extract import extract_lora
+def _write_side_files(plan: Plan, writer: ModelWriter, executor_notes: dict[str, Any]) -> dict[str, Any]:
+    """config.json, generation config, tokenizer, the recipe, the solver report and the model card."""
+    import json
 
-        try:
-            rep = extract_lora(path, plan.checkpoints[plan.base_index].ref, final, rank=lora_rank, force=force)
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-        notes["lora"] = (f"rank {lora_rank}: {len(rep.tensors)} layers, {rep.discarded:.2%} of ‖ΔW‖² discarded"
-                         + (f"; {len(rep.not_representable)} changed non-linear tensors left out"
-                            if rep.not_representable else ""))
-        path = rep.output
-    summary = plan.summary() | {"bytes_read": stats.bytes_read, "prepass_seconds": stats.prepass_seconds}
-    return MergeResult(path, summary, time.perf_counter() - t0, notes, plan.warnings)
+    from moerge.io.sidefiles import CONFIG_SIDE_FILES, model_card, output_config, tokenizer_files
+    from moerge.plan import LAYER_COUNT_KEYS
+
+    cfg_ckpt = plan.checkpoints[plan.config_source]
+    out_dtype = plan.recipe.output_dtype or _main_dtype(plan)
+    cfg = output_config(cfg_ckpt.config, out_dtype, plan.num_layers_out if plan.recipe.slices else None,
+                        LAYER_COUNT_KEYS)
+    if cfg is not None:
+        writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
+    for name in CONFIG_SIDE_FILES:
+        if (cfg_ckpt.root / name).is_file():
+            writer.copy_file(cfg_ckpt.root / name)
+    for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source].root):
+        writer.copy_file(f)
+    recipe_text = plan.loaded.text or _dump_recipe(plan.recipe)
+    writer.write_text("moerge_recipe.yaml", recipe_text)
+    notes = dict(executor_notes)
+    per_tensor = {k: v for k, v in notes.items() if isinstance(v, dict)}
+    if per_tensor:  # a solver's report per layer: the whole of it in a file, its extremes in the card
+        writer.write_text("moerge_merge_report.json", json.dumps(per_tensor, indent=1) + "\n")
+        notes.update({k: _extremes(v) for k, v in per_tensor.items()})
+    if "lerp_fallback" in notes:
+        notes["lerp_fallback"] = (f"{notes['lerp_fallback']} of {len(plan.items)} tensors were nearly colinear "
+                                  "and linearly interpolated")
+    base_ref = plan.checkpoints[plan.base_index].ref if plan.base_index is not None else None
+    writer.write_text("README.md", model_card(
+        method=plan.method, recipe_text=recipe_text, conventions=plan.recipe.conventions,
+        inputs=[c.ref for c in plan.models], statistics=[c.ref for c in plan.statistics], base=base_ref,
+        version=__version__, summary=plan.summary(), notes=notes))
+    return notes
+
+
+def _write_lora(full: Path, plan: Plan, final: Path, rank: int, force: bool) -> tuple[Path, str]:
+    """Factorise the full merge at ``full`` into a LoRA adapter at ``final``, then remove ``full``."""
+    from moerge.extract import extract_lora
+
+    assert plan.base_index is not None
+    try:
+        rep = extract_lora(full, plan.checkpoints[plan.base_index].ref, final, rank=rank, force=force)
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+    note = (f"rank {rank}: {len(rep.tensors)} layers, {rep.discarded:.2%} of ‖ΔW‖² discarded"
+            + (f"; {len(rep.not_representable)} changed non-linear tensors left out" if rep.not_representable else ""))
+    assert rep.output is not None
+    return rep.output, note
 
 
 def _extremes(values: dict[str, float]) -> str:
@@ -191,9 +222,9 @@ class ModelInfo:
 
 def inspect(model: str | os.PathLike[str], *, allow_pickle: bool = False) -> ModelInfo:
     """List a checkpoint's tensors (name, dtype, shape, shard) without reading any tensor data."""
-    from moerge.io.checkpoint import Checkpoint
+    from moerge.io.checkpoint import open_source
 
-    ck = Checkpoint.open(model, allow_pickle=allow_pickle)
+    ck = open_source(model, allow_pickle=allow_pickle)
     rows = [TensorRow(i.name, i.dtype, i.shape, i.file.name) for i in ck.infos.values()]
     info = ModelInfo(str(model), rows, [f.name for f in ck.files], ck.nbytes(), ck.config)
     ck.close()
@@ -224,10 +255,10 @@ def diff(base: str | os.PathLike[str], other: str | os.PathLike[str], *, allow_p
     """
 
     from moerge.errors import PlanError
-    from moerge.io.checkpoint import Checkpoint
+    from moerge.io.checkpoint import open_source
 
-    a = Checkpoint.open(base, allow_pickle=allow_pickle)
-    b = Checkpoint.open(other, allow_pickle=allow_pickle)
+    a = open_source(base, allow_pickle=allow_pickle)
+    b = open_source(other, allow_pickle=allow_pickle)
     shared = [n for n in a.tensor_names if n in b]
     only_a = [n for n in a.tensor_names if n not in b]
     only_b = [n for n in b.tensor_names if n not in a]

@@ -28,14 +28,14 @@ def _tokenizer(out: Path):
     return make_bpe_tokenizer(out, list(TASKS.values()) * 4)
 
 
-def _loss(model, ids) -> float:  # noqa: ANN001
+def _loss(model, ids) -> float:
     import torch
 
     with torch.no_grad():
         return float(model(ids, labels=ids).loss)
 
 
-def _train(model, batches, *, steps: int, lr: float) -> float:  # noqa: ANN001
+def _train(model, batches, *, steps: int, lr: float) -> float:
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr)

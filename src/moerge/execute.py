@@ -29,7 +29,8 @@ import torch
 from moerge import native
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.writer import ModelWriter
-from moerge.methods.blocks import BLOCK, TensorMerger, block_ranges, sample_of, sample_positions
+from moerge.methods.finite import first_nonfinite
+from moerge.methods.protocol import BLOCK, TensorMerger, block_ranges, sample_of, sample_positions
 from moerge.plan import InputRef, Plan, WorkItem
 
 COMPUTE_DTYPE = torch.float32
@@ -161,14 +162,11 @@ class _Reader:
         models = [m.to(COMPUTE_DTYPE) for m in models]
         if check and not self.allow_nonfinite:
             for ref, t in zip(inp.refs, ([base] if base is not None else []) + models):
-                # NaN propagates through amax/amin and ±Inf shows there: two reductions, no mask
-                lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
-                if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                if (bad := first_nonfinite(t)) is not None:
                     ck = self.plan.checkpoints[ref.model]
-                    first = s + int((~torch.isfinite(t)).nonzero()[0, 0])
                     raise NonFiniteError(
                         f"tensor {ref.tensor!r} in {ck.ref} ({ck.info(ref.tensor).file}) holds NaN/Inf "
-                        f"(first at flat index {first})",
+                        f"(first at flat index {s + bad})",
                         hint="fix the checkpoint, or pass --allow-nonfinite to merge anyway",
                     )
         return base, models
@@ -212,7 +210,7 @@ class _Reader:
 
 
 class _ItemStats:
-    """The statistics of one work item, as data-aware methods see them (``moerge.methods.statistics``)."""
+    """The statistics of one work item, as data-aware methods see them (``moerge.methods.data_aware``)."""
 
     def __init__(self, reader: _Reader, item: WorkItem, norms: _Norms) -> None:
         assert item.stats is not None and reader.plan.stats_kind is not None
@@ -221,12 +219,10 @@ class _ItemStats:
 
     def _checked(self, ref: InputRef, t: torch.Tensor, start: int) -> torch.Tensor:
         t = t.to(self.reader.device, COMPUTE_DTYPE)
-        lo, hi = torch.aminmax(t) if t.numel() else (torch.zeros(()), torch.zeros(()))
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        if (bad := first_nonfinite(t)) is not None:
             ck = self.reader.plan.checkpoints[ref.model]
-            first = start + int((~torch.isfinite(t.reshape(-1))).nonzero()[0, 0])
             raise NonFiniteError(f"statistic {ref.tensor!r} in {ck.root} ({ck.info(ref.tensor).file}) holds NaN/Inf "
-                                 f"(first at flat index {first})", hint="recompute the statistics with `moerge stats`")
+                                 f"(first at flat index {start + bad})", hint="recompute the statistics with `moerge stats`")
         return t
 
     def whole(self, model: int, part: int = 0) -> torch.Tensor:
@@ -430,7 +426,7 @@ def _execute(plan: Plan, writer: ModelWriter, reader: _Reader, dev: torch.device
                 continue
             try:
                 writer.write(*got)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            except BaseException as e:
                 write_error.append(e)
 
     wthread = threading.Thread(target=write_loop, name="moerge-writer", daemon=True)

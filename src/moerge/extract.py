@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors.torch import save_file
+
+from moerge.arch.names import is_embedding_name
 from moerge.errors import MoergeError
+from moerge.io.checkpoint import open_source
+from moerge.io.publish import Publication, output_error
+from moerge.methods.finite import first_nonfinite
 
 if TYPE_CHECKING:
     import torch
 
-EMBEDDING_HINTS = ("embed", "lm_head", "wte", "wpe", "word_embeddings", "position_embeddings")
+    from moerge.io.sources import TensorSource
 
 
 @dataclass
@@ -45,24 +50,47 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
                  rank: int = 16, include_embeddings: bool = False, force: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> ExtractReport:
     """Write ``out`` as a PEFT LoRA adapter approximating ``model − base`` at ``rank``."""
-    import torch
-    from safetensors.torch import save_file
-
-    from moerge.io.checkpoint import Checkpoint
-
     if rank < 1:
         raise MoergeError(f"rank must be at least 1 (got {rank})")
     out = Path(out)
     if out.exists() and not force:
         raise MoergeError(f"{out} already exists", hint="pass --force to replace it")
-    m, b = Checkpoint.open(model), Checkpoint.open(base)
+    m, b = open_source(model), open_source(base)
+    try:
+        report, tensors, targets = _factorise_all(m, b, model, base, rank, include_embeddings, progress)
+    finally:
+        m.close()
+        b.close()
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": str(Path(base).resolve()) if Path(base).exists() else str(base),
+    }
+    record = {"source": str(model), "base": str(base), "rank": rank, "discarded_energy": report.discarded,
+              "per_tensor_discarded": report.tensors, "not_representable_l2": report.not_representable}
+    with Publication(out, force=force) as pub:
+        try:
+            save_file(tensors, str(pub.tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (pub.tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            (pub.tmp / "moerge_extract.json").write_text(json.dumps(record, indent=1))
+        except OSError as e:
+            raise output_error(e, out) from e
+        report.output = pub.commit()
+    return report
+
+
+def _factorise_all(m: TensorSource, b: TensorSource, model: object, base: object, rank: int,
+                   include_embeddings: bool, progress: Callable[[str, int, int], None] | None,
+                   ) -> tuple[ExtractReport, dict[str, torch.Tensor], list[str]]:
+    """Every changed linear layer of ``m − b`` as LoRA factors (PEFT names), with the report."""
     report = ExtractReport(rank)
     tensors: dict[str, torch.Tensor] = {}
     targets: list[str] = []
-    names = [n for n in b.tensor_names if n in m]
     missing = sorted(set(m.tensor_names) ^ set(b.tensor_names))
     if missing:
         raise MoergeError(f"{model} and {base} do not hold the same tensors (e.g. {missing[0]!r})")
+    names = b.tensor_names
     for k, name in enumerate(names):
         if progress:
             progress(name, k, len(names))
@@ -75,57 +103,41 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
         norm = float(delta.norm())
         if norm == 0.0:
             continue
-        if not torch.isfinite(delta).all():
-            raise MoergeError(f"{name!r}: non-finite values in {model} or {base}")
-        is_embedding = any(h in name for h in EMBEDDING_HINTS)
+        if (bad := first_nonfinite(delta)) is not None:
+            raise MoergeError(f"{name!r}: non-finite values in {model} or {base} (first at flat index {bad})")
+        is_embedding = is_embedding_name(name)
         if delta.dim() != 2 or not name.endswith(".weight") or (is_embedding and not include_embeddings):
             report.not_representable[name] = norm
             continue
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-        r = min(rank, s.numel())
-        root = s[:r].sqrt()
         module = name[: -len(".weight")]
-        # factors are zero-padded to the adapter's rank where the layer is thinner than it (PEFT builds
-        # every adapted layer at rank ``r``); the padding adds nothing to B·A
-        down = _pad_rows(root[:, None] * vh[:r], rank)  # (rank, cols)
-        up = _pad_rows((u[:, :r] * root).T, rank).T  # (rows, rank)
-        if is_embedding:  # PEFT's embedding LoRA: ΔW = (B·A)ᵀ with A (r, num_embeddings), B (dim, r)
-            tensors[f"base_model.model.{module}.lora_embedding_A"] = up.T.contiguous().float()
-            tensors[f"base_model.model.{module}.lora_embedding_B"] = down.T.contiguous().float()
-        else:
-            tensors[f"base_model.model.{module}.lora_A.weight"] = down.contiguous().float()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = up.contiguous().float()
-        energy = float((s**2).sum())
-        kept = float((s[:r] ** 2).sum())
+        factors, energy, kept = _factorise(delta, rank, is_embedding)
+        tensors.update({f"base_model.model.{module}.{part}": t for part, t in factors.items()})
         report.tensors[name] = 1.0 - kept / energy
         report.energy_total += energy
         report.energy_kept += kept
         targets.append(module)
     if not targets:
         raise MoergeError(f"{model} does not differ from {base} in any linear layer; there is nothing to extract")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = {
-            "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-            "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-            "base_model_name_or_path": str(Path(base).resolve()) if Path(base).exists() else str(base),
-        }
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "moerge_extract.json").write_text(json.dumps({
-            "source": str(model), "base": str(base), "rank": rank, "discarded_energy": report.discarded,
-            "per_tensor_discarded": report.tensors, "not_representable_l2": report.not_representable}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    report.output = out
-    return report
+    return report, tensors, targets
+
+
+def _factorise(delta: torch.Tensor, rank: int, is_embedding: bool) -> tuple[dict[str, torch.Tensor], float, float]:
+    """LoRA factors of one ΔW by truncated SVD (PEFT's tensor names after the module), its energy
+    ‖ΔW‖² and the part of it the factors keep."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    # factors are zero-padded to the adapter's rank where the layer is thinner than it (PEFT builds
+    # every adapted layer at rank ``r``); the padding adds nothing to B·A
+    down = _pad_rows(root[:, None] * vh[:r], rank)  # (rank, cols)
+    up = _pad_rows((u[:, :r] * root).T, rank).T  # (rows, rank)
+    if is_embedding:  # PEFT's embedding LoRA: ΔW = (B·A)ᵀ with A (r, num_embeddings), B (dim, r)
+        factors = {"lora_embedding_A": up.T.contiguous().float(), "lora_embedding_B": down.T.contiguous().float()}
+    else:
+        factors = {"lora_A.weight": down.contiguous().float(), "lora_B.weight": up.contiguous().float()}
+    return factors, float((s**2).sum()), float((s[:r] ** 2).sum())
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

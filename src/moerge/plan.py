@@ -15,15 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moerge.arch.names import is_pre_layer, is_vocab_name, layer_index, with_layer_index
 from moerge.errors import MoergeError, PlanError, UnknownMethodError, did_you_mean
-from moerge.io.checkpoint import Checkpoint
+from moerge.io.checkpoint import open_source
 from moerge.io.safetensors_format import tensor_nbytes
+from moerge.io.sources import TensorSource
 from moerge.methods import MergeMethod, get_method
 from moerge.methods.base import REQUIRED
-from moerge.methods.sparsify import tensor_seed
+from moerge.methods.masks import tensor_seed
 from moerge.recipe.loader import LoadedRecipe
-from moerge.recipe.params import NOT_SET, check_shape, evaluate, is_pre_layer, layer_index, with_layer_index
+from moerge.recipe.params import NOT_SET, check_shape, evaluate
 from moerge.recipe.schema import Recipe
+from moerge.stats.format import KINDS as STAT_KINDS
+from moerge.stats.format import part_names, part_shapes, read_meta
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # mergekit-only parameters that change nothing in moerge's arithmetic
@@ -65,14 +69,13 @@ class WorkItem:
 class Plan:
     loaded: LoadedRecipe
     method: MergeMethod
-    checkpoints: list[Checkpoint]
+    checkpoints: list[TensorSource]
     items: list[WorkItem]
     reference: int  # checkpoint whose config/tokenizer/tensor layout the output follows
     config_source: int
     tokenizer_source: int
     num_layers_out: int | None
     base_index: int | None
-    expert_indices: list[int]
     warnings: list[str] = field(default_factory=list)
     n_models: int | None = None  # checkpoints[:n_models] are models, the rest statistics folders
     stats_kind: str | None = None  # the kind of statistics every expert brings (data-aware methods)
@@ -81,6 +84,20 @@ class Plan:
     @property
     def recipe(self) -> Recipe:
         return self.loaded.recipe
+
+    @property
+    def models(self) -> list[TensorSource]:
+        """The recipe's models (the checkpoints after them are statistics folders)."""
+        return self.checkpoints[: self.n_models]
+
+    @property
+    def statistics(self) -> list[TensorSource]:
+        return self.checkpoints[len(self.models):]
+
+    def close(self) -> None:
+        """Close every checkpoint (their file descriptors and mappings)."""
+        for c in self.checkpoints:
+            c.close()
 
     @property
     def output_bytes(self) -> int:
@@ -98,9 +115,19 @@ class Plan:
             "parameters": sum(math.prod(i.shape) for i in self.items),
             "output_bytes": self.output_bytes,
             "input_bytes": self.input_bytes,
-            "models": [c.ref for c in self.checkpoints[: self.n_models]],
+            "models": [c.ref for c in self.models],
         }
 
+
+
+@dataclass
+class _Layout:
+    """What planning the tensors decided: the work items and where the output's layout comes from."""
+
+    items: list[WorkItem]
+    reference: int  # checkpoint whose config/tokenizer/tensor layout the output follows
+    num_layers: int | None
+    base_index: int | None
 
 
 class _Planner:
@@ -109,7 +136,14 @@ class _Planner:
         self.recipe = loaded.recipe
         self.method = self._method_with_line()
         self.refs = self.recipe.model_refs()
-        self.checkpoints = [Checkpoint.open(r, allow_pickle=allow_pickle) for r in self.refs]
+        self.checkpoints: list[TensorSource] = []
+        try:
+            for ref in self.refs:
+                self.checkpoints.append(open_source(ref, allow_pickle=allow_pickle))
+        except BaseException:
+            for c in self.checkpoints:
+                c.close()
+            raise
         self.index = {r: i for i, r in enumerate(self.refs)}
         self.warnings: list[str] = []
         self.n_models = len(self.checkpoints)
@@ -194,16 +228,31 @@ class _Planner:
         if m.needs_base and not r.base_model and not r.slices:
             raise PlanError(f"{self.loaded.source}: {m.name} needs a 'base_model' (the model the task "
                             "vectors are taken against)")
-        if r.slices is not None:
-            items, reference, n_layers, base_idx, experts = self._plan_slices()
-        else:
-            items, reference, n_layers, base_idx, experts = self._plan_models()
-        self._check_whole_model_trim(items)
-        cfg_src = self._source_index(r.config_source, reference, "config_source")
-        tok_src = self._source_index(r.tokenizer_from, reference, "tokenizer_source")
-        return Plan(self.loaded, m, self.checkpoints, items, reference, cfg_src, tok_src, n_layers,
-                    base_idx, experts, self.warnings, self.n_models, self.stats_kind,
-                    self.stats_meta)
+        self._warn_ignored_keys()
+        layout = self._plan_slices() if r.slices is not None else self._plan_models()
+        self._check_whole_model_trim(layout.items)
+        return Plan(
+            loaded=self.loaded, method=m, checkpoints=self.checkpoints, items=layout.items,
+            reference=layout.reference,
+            config_source=self._source_index(r.config_source, layout.reference, "config_source"),
+            tokenizer_source=self._source_index(r.tokenizer_from, layout.reference, "tokenizer_source"),
+            num_layers_out=layout.num_layers, base_index=layout.base_index,
+            warnings=self.warnings, n_models=self.n_models, stats_kind=self.stats_kind, stats_meta=self.stats_meta,
+        )
+
+    def _warn_ignored_keys(self) -> None:
+        """Recipe keys moerge accepts (mergekit's format has them) but does not apply yet: each would change
+        mergekit's output, so the user is told rather than handed a silently different model."""
+        r = self.recipe
+        if r.chat_template is not None:
+            self.warnings.append(
+                f"{self.loaded.where('chat_template')}: chat_template is not applied yet; the output's tokenizer "
+                "files are copied unchanged from the tokenizer source (mergekit would set the chat template)")
+        if r.tokenizer is not None and r.tokenizer.pad_to_multiple_of is not None:
+            self.warnings.append(
+                f"{self.loaded.where('tokenizer', 'pad_to_multiple_of')}: pad_to_multiple_of is not applied yet; "
+                "embedding and head rows keep the tokenizer source's count (mergekit would pad them to a multiple "
+                f"of {r.tokenizer.pad_to_multiple_of})")
 
     def _check_whole_model_trim(self, items: list[WorkItem]) -> None:
         """A trim over each whole task vector needs one density per model and a model per position."""
@@ -229,7 +278,7 @@ class _Planner:
             return self.index[ref]
         raise PlanError(f"{self.loaded.where(key)}: {key} {ref!r} is not one of the recipe's models")
 
-    def _count_layers(self, ckpt: Checkpoint) -> int | None:
+    def _count_layers(self, ckpt: TensorSource) -> int | None:
         cfg = ckpt.config or {}
         for key in LAYER_COUNT_KEYS:
             if isinstance(cfg.get(key), int):
@@ -245,14 +294,14 @@ class _Planner:
             return 0.0  # mergekit evaluates gradients at t=0 for every tensor outside the blocks
         return 0.0 if is_pre_layer(name) else 1.0
 
-    def _ordered_names(self, ckpt: Checkpoint) -> list[str]:
+    def _ordered_names(self, ckpt: TensorSource) -> list[str]:
         def key(n: str) -> tuple[str, int, str]:
             e = ckpt.entry(n)
             return (str(ckpt.info(n).file), e.begin if e else 0, n)
 
         return sorted(ckpt.tensor_names, key=key)
 
-    def _plan_models(self):  # noqa: ANN202
+    def _plan_models(self) -> _Layout:
         r = self.recipe
         m = self.method
         base_idx = self.index[r.base_model] if r.base_model else None
@@ -304,15 +353,12 @@ class _Planner:
             if m.stats and item.copy_from is None:
                 item.stats = self._stats_refs(name, info.shape, experts)
             items.append(item)
-        return items, reference, n_layers, (base_idx if uses_base else None), experts
+        return _Layout(items, reference, n_layers, base_idx if uses_base else None)
 
     # -- statistics (data-aware methods) -----------------------------------------------------
     def _open_stats(self, entries: list[tuple[int, Any]]) -> None:
         """Open each expert's statistics folder and check it belongs to that expert."""
-        import json
-
-        from moerge.io.checkpoint import resolve_reference
-        from moerge.methods.statistics import STAT_PARTS
+        from moerge.io.sources import resolve_reference
 
         m = self.method
         kinds = " or ".join(m.stats)
@@ -327,17 +373,10 @@ class _Planner:
                 folder = resolve_reference(e.stats)
             except MoergeError as err:
                 raise PlanError(f"{self.loaded.where('models', i, 'stats')}: {err.message}") from None
-            meta_path = folder / "moerge_stats.json"
-            try:
-                meta = json.loads(meta_path.read_text())
-            except FileNotFoundError:
-                raise PlanError(f"{folder}: not a statistics folder (no moerge_stats.json)",
-                                hint=f"compute statistics with `moerge stats {m.stats[0]} MODEL --data TASK "
-                                "--out DIR`") from None
-            except (OSError, ValueError) as err:
-                raise PlanError(f"{meta_path}: unreadable ({err})") from None
+            meta = read_meta(folder, hint=f"compute statistics with `moerge stats {m.stats[0]} MODEL --data TASK "
+                             "--out DIR`")
             kind = meta.get("kind")
-            if kind not in m.stats or kind not in STAT_PARTS:
+            if kind not in m.stats or kind not in STAT_KINDS:
                 raise PlanError(f"{folder}: holds {kind!r} statistics; {m.name} reads {kinds} statistics")
             if self.stats_kind is not None and kind != self.stats_kind:
                 raise PlanError(f"{folder}: holds {kind} statistics but other models bring {self.stats_kind}; "
@@ -357,15 +396,13 @@ class _Planner:
                         hint=f"recompute them: moerge stats {kind} {e.model} --data TASK --out {folder} --force")
             self.stats_index[expert] = len(self.checkpoints)
             self.stats_meta[len(self.checkpoints)] = meta
-            self.checkpoints.append(Checkpoint.open(folder))
+            self.checkpoints.append(open_source(folder))
 
     def _stats_refs(self, name: str, shape: tuple[int, ...], experts: list[int]) -> list[tuple[InputRef, ...]] | None:
         """The statistics tensors of one weight, per expert; None if no expert has them."""
-        from moerge.methods.statistics import STAT_PARTS
-
         kind = self.stats_kind
         assert kind is not None
-        names = [name + suffix for suffix in STAT_PARTS[kind]]
+        names = part_names(name, kind)
         found = [all(n in self.checkpoints[self.stats_index[x]] for n in names) for x in experts]
         if not any(found):
             return None
@@ -374,13 +411,10 @@ class _Planner:
             lack = self.checkpoints[self.stats_index[experts[found.index(False)]]]
             raise PlanError(f"statistics for {name!r} are missing from {lack.root} (they are in {have.root})",
                             hint="compute every model's statistics the same way (same kind, same model layout)")
-        if kind == "fisher":
-            expected = [shape]
-        elif len(shape) != 2:
+        expected = part_shapes(kind, shape)
+        if expected is None:
             raise PlanError(f"{self.checkpoints[self.stats_index[experts[0]]].root}: has {kind} statistics for "
                             f"{name!r}, which is not a 2-D weight ({list(shape)})")
-        else:
-            expected = [(shape[1], shape[1]), (shape[0], shape[0])][: len(names)]
         refs = []
         for x in experts:
             ck = self.checkpoints[self.stats_index[x]]
@@ -448,110 +482,123 @@ class _Planner:
         return row_fix
 
     @staticmethod
-    def _is_vocab_tensor(name: str, ck: Checkpoint, rows: int, ref: Checkpoint, ref_rows: int) -> bool:
-        if any(h in name for h in ("embed", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight")):
+    def _is_vocab_tensor(name: str, ck: TensorSource, rows: int, ref: TensorSource, ref_rows: int) -> bool:
+        if is_vocab_name(name):
             return True
         v1 = (ck.config or {}).get("vocab_size")
         v0 = (ref.config or {}).get("vocab_size")
         return v1 == rows and v0 == ref_rows
 
-    def _plan_slices(self):  # noqa: ANN202
-        r = self.recipe
-        m = self.method
-        slices = r.slices or []
+    def _plan_slices(self) -> _Layout:
+        slices = self.recipe.slices or []
         items: list[WorkItem] = []
         out_layer = 0
-        first_ckpt_idx = self.index[slices[0].sources[0].model]
-        reference = first_ckpt_idx
-        base_idx_global: int | None = None
-        expert_set: list[int] = []
-        out_dtype = r.output_dtype
+        reference = self.index[slices[0].sources[0].model]
+        base_index: int | None = None
         for si, sl in enumerate(slices):
-            self.check_param_keys(sl.parameters, ("slices", si, "parameters"), per_model=False)
-            base_ref = sl.base_model or r.base_model
-            srcs = list(enumerate(sl.sources))
-            base_src = None
-            if m.needs_base:
-                matches = [(k, s) for k, s in srcs if s.model == base_ref]
-                if not base_ref or not matches:
-                    raise PlanError(f"{self.loaded.where('slices', si)}: {m.name} needs the base model "
-                                    "among each slice's sources")
-                base_src = matches[0]
-                srcs = [(k, s) for k, s in srcs if s.model != base_ref]
-            self._check_count(len(srcs))
-            for k, s in srcs:
-                self.check_param_keys(s.parameters, ("slices", si, "sources", k, "parameters"), per_model=True)
-            length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
-            for k, s in enumerate(sl.sources):
-                ck = self.checkpoints[self.index[s.model]]
-                n = self._count_layers(ck)
-                if n is not None and s.layer_range[1] > n:
-                    raise PlanError(f"{self.loaded.where('slices', si, 'sources', k, 'layer_range')}: "
-                                    f"layer_range {list(s.layer_range)} exceeds the {n} layers of {s.model}")
-            lead = base_src[1] if base_src else srcs[0][1]
-            lead_idx = self.index[lead.model]
-            lead_ck = self.checkpoints[lead_idx]
-            experts = [self.index[s.model] for _, s in srcs]
-            expert_set.extend(x for x in experts if x not in expert_set)
-            templates = [n for n in self._ordered_names(lead_ck) if layer_index(n) == lead.layer_range[0]]
-            if not templates:
-                raise PlanError(f"{lead.model}: no tensors found for layer {lead.layer_range[0]}")
-            for off in range(length):
-                t = off / (length - 1) if length > 1 else 1.0
-                for tmpl in templates:
-                    out_name = with_layer_index(tmpl, out_layer + off)
-                    lead_name = with_layer_index(tmpl, lead.layer_range[0] + off)
-                    info = lead_ck.info(lead_name)
-                    in_names = [with_layer_index(tmpl, s.layer_range[0] + off) for _, s in srcs]
-                    row_fix = self._check_inputs(lead_name, lead_idx, experts, info.shape, in_names)
-                    levels_g = [(sl.parameters, ("slices", si, "parameters")), (r.parameters, ("parameters",))]
-                    gparams = self.resolve(levels_g, out_name, t, per_model=False)
-                    # per-model parameters match the model's own (input) tensor name, as in mergekit
-                    mparams = [self.resolve([(s.parameters, ("slices", si, "sources", k, "parameters"))] + levels_g,
-                                            nm, t, per_model=True) for (k, s), nm in zip(srcs, in_names)]
-                    items.append(self._item(out_name, info, out_dtype,
-                                            InputRef(lead_idx, lead_name) if base_src else None,
-                                            [InputRef(x, nm) for x, nm in zip(experts, in_names)],
-                                            mparams, gparams, lead_idx, lead_name, row_fix))
+            block_items, lead_idx, length = self._plan_slice(si, sl, out_layer)
+            items.extend(block_items)
             out_layer += length
-            if m.needs_base and base_idx_global is None:
-                base_idx_global = lead_idx
-        # tensors outside the blocks: embeddings from the first slice, the rest from the last
-        for pre, pos, sl in ((True, 0, slices[0]), (False, len(slices) - 1, slices[-1])):
-            base_ref = sl.base_model or r.base_model
-            srcs = [s for s in sl.sources if not (m.needs_base and s.model == base_ref)]
-            lead_idx = self.index[base_ref] if m.needs_base and base_ref else self.index[srcs[0].model]
-            lead_ck = self.checkpoints[lead_idx]
-            experts = [self.index[s.model] for s in srcs]
-            for name in self._ordered_names(lead_ck):
-                if layer_index(name) is not None or is_pre_layer(name) != pre:
-                    continue
-                info = lead_ck.info(name)
-                row_fix = self._check_inputs(name, lead_idx, experts, info.shape)
-                pad_from = None
-                ref_ck = self.checkpoints[reference]
-                if lead_idx != reference and name in ref_ck and ref_ck.info(name).shape != info.shape:
-                    # the output must agree with the model whose config it carries (the first slice's)
-                    self._check_inputs(name, reference, [lead_idx], ref_ck.info(name).shape)
-                    info = ref_ck.info(name)
-                    row_fix, pad_from = True, InputRef(reference, name)
-                t = self._position(name, None, None)
-                levels_g = [(sl.parameters, ("slices", pos, "parameters")), (r.parameters, ("parameters",))]
-                gparams = self.resolve(levels_g, name, t, per_model=False)
-                mparams = [self.resolve([(s.parameters, ())] + levels_g, name, t, per_model=True) for s in srcs]
-                item = self._item(name, info, out_dtype, InputRef(lead_idx, name) if m.needs_base else None,
-                                  [InputRef(x, name) for x in experts], mparams, gparams, lead_idx, name, row_fix)
-                item.pad_from = pad_from
-                if pre:
-                    items.insert(0, item)
-                else:
-                    items.append(item)
+            if self.method.needs_base and base_index is None:
+                base_index = lead_idx
+        # tensors outside the blocks: embeddings from the first slice, the rest from the last (each of the
+        # first slice's goes in front of everything planned before it, so they end up in reverse order)
+        before = self._plan_outside_blocks(True, 0, slices[0], reference)
+        after = self._plan_outside_blocks(False, len(slices) - 1, slices[-1], reference)
+        items = before[::-1] + items + after
         names = [i.name for i in items]
         if len(set(names)) != len(names):
             raise PlanError(f"{self.loaded.source}: the slices produce duplicate tensor names")
-        return items, reference, out_layer, base_idx_global, expert_set
+        return _Layout(items, reference, out_layer, base_index)
 
-    def _item(self, out_name, info, out_dtype, base, inputs, mparams, gparams, lead_idx, lead_name,  # noqa: ANN001
+    def _slice_sources(self, si: int, sl: Any) -> tuple[Any, list[tuple[int, Any]]]:
+        """The slice's base source (when the method needs one) and its other sources, with their positions."""
+        m = self.method
+        base_ref = sl.base_model or self.recipe.base_model
+        srcs = list(enumerate(sl.sources))
+        base_src = None
+        if m.needs_base:
+            matches = [(k, s) for k, s in srcs if s.model == base_ref]
+            if not base_ref or not matches:
+                raise PlanError(f"{self.loaded.where('slices', si)}: {m.name} needs the base model "
+                                "among each slice's sources")
+            base_src = matches[0]
+            srcs = [(k, s) for k, s in srcs if s.model != base_ref]
+        self._check_count(len(srcs))
+        for k, s in srcs:
+            self.check_param_keys(s.parameters, ("slices", si, "sources", k, "parameters"), per_model=True)
+        for k, s in enumerate(sl.sources):
+            n = self._count_layers(self.checkpoints[self.index[s.model]])
+            if n is not None and s.layer_range[1] > n:
+                raise PlanError(f"{self.loaded.where('slices', si, 'sources', k, 'layer_range')}: "
+                                f"layer_range {list(s.layer_range)} exceeds the {n} layers of {s.model}")
+        return base_src, srcs
+
+    def _plan_slice(self, si: int, sl: Any, out_layer: int) -> tuple[list[WorkItem], int, int]:
+        """The work items of one slice's blocks; also its lead checkpoint and its length."""
+        r = self.recipe
+        self.check_param_keys(sl.parameters, ("slices", si, "parameters"), per_model=False)
+        base_src, srcs = self._slice_sources(si, sl)
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        lead = base_src[1] if base_src else srcs[0][1]
+        lead_idx = self.index[lead.model]
+        lead_ck = self.checkpoints[lead_idx]
+        experts = [self.index[s.model] for _, s in srcs]
+        templates = [n for n in self._ordered_names(lead_ck) if layer_index(n) == lead.layer_range[0]]
+        if not templates:
+            raise PlanError(f"{lead.model}: no tensors found for layer {lead.layer_range[0]}")
+        levels_g = [(sl.parameters, ("slices", si, "parameters")), (r.parameters, ("parameters",))]
+        items = []
+        for off in range(length):
+            t = off / (length - 1) if length > 1 else 1.0
+            for tmpl in templates:
+                out_name = with_layer_index(tmpl, out_layer + off)
+                lead_name = with_layer_index(tmpl, lead.layer_range[0] + off)
+                info = lead_ck.info(lead_name)
+                in_names = [with_layer_index(tmpl, s.layer_range[0] + off) for _, s in srcs]
+                row_fix = self._check_inputs(lead_name, lead_idx, experts, info.shape, in_names)
+                gparams = self.resolve(levels_g, out_name, t, per_model=False)
+                # per-model parameters match the model's own (input) tensor name, as in mergekit
+                mparams = [self.resolve([(s.parameters, ("slices", si, "sources", k, "parameters"))] + levels_g,
+                                        nm, t, per_model=True) for (k, s), nm in zip(srcs, in_names)]
+                items.append(self._item(out_name, info, r.output_dtype,
+                                        InputRef(lead_idx, lead_name) if base_src else None,
+                                        [InputRef(x, nm) for x, nm in zip(experts, in_names)],
+                                        mparams, gparams, lead_idx, lead_name, row_fix))
+        return items, lead_idx, length
+
+    def _plan_outside_blocks(self, pre: bool, pos: int, sl: Any, reference: int) -> list[WorkItem]:
+        """The tensors before the blocks (``pre``: embeddings) or after them (norm, head), from slice ``pos``."""
+        r, m = self.recipe, self.method
+        base_ref = sl.base_model or r.base_model
+        srcs = [s for s in sl.sources if not (m.needs_base and s.model == base_ref)]
+        lead_idx = self.index[base_ref] if m.needs_base and base_ref else self.index[srcs[0].model]
+        lead_ck = self.checkpoints[lead_idx]
+        ref_ck = self.checkpoints[reference]
+        experts = [self.index[s.model] for s in srcs]
+        levels_g = [(sl.parameters, ("slices", pos, "parameters")), (r.parameters, ("parameters",))]
+        items = []
+        for name in self._ordered_names(lead_ck):
+            if layer_index(name) is not None or is_pre_layer(name) != pre:
+                continue
+            info = lead_ck.info(name)
+            row_fix = self._check_inputs(name, lead_idx, experts, info.shape)
+            pad_from = None
+            if lead_idx != reference and name in ref_ck and ref_ck.info(name).shape != info.shape:
+                # the output must agree with the model whose config it carries (the first slice's)
+                self._check_inputs(name, reference, [lead_idx], ref_ck.info(name).shape)
+                info = ref_ck.info(name)
+                row_fix, pad_from = True, InputRef(reference, name)
+            t = self._position(name, None, None)
+            gparams = self.resolve(levels_g, name, t, per_model=False)
+            mparams = [self.resolve([(s.parameters, ())] + levels_g, name, t, per_model=True) for s in srcs]
+            item = self._item(name, info, r.output_dtype, InputRef(lead_idx, name) if m.needs_base else None,
+                              [InputRef(x, name) for x in experts], mparams, gparams, lead_idx, name, row_fix)
+            item.pad_from = pad_from
+            items.append(item)
+        return items
+
+    def _item(self, out_name, info, out_dtype, base, inputs, mparams, gparams, lead_idx, lead_name,
               row_fix: bool = False) -> WorkItem:
         is_float = info.dtype in FLOAT_DTYPES
         return WorkItem(
@@ -565,8 +612,15 @@ class _Planner:
 
 
 def make_plan(loaded: LoadedRecipe, *, allow_pickle: bool = False) -> Plan:
-    """Open the recipe's checkpoints and plan every output tensor (no tensor data is read)."""
-    return _Planner(loaded, allow_pickle=allow_pickle).plan()
+    """Open the recipe's checkpoints and plan every output tensor (no tensor data is read). The
+    caller closes the plan; when planning fails, every checkpoint it opened is closed here."""
+    planner = _Planner(loaded, allow_pickle=allow_pickle)
+    try:
+        return planner.plan()
+    except BaseException:
+        for c in planner.checkpoints:
+            c.close()
+        raise
 
 
 def check_disk_space(plan: Plan, out_dir: Path) -> None:

@@ -74,12 +74,12 @@ def perturb(src: str | Path, dst: str | Path, *, scale: float = 0.05, seed: int 
     like a light fine-tune). Streams tensor by tensor through moerge's own
     reader and writer, so it works for models of any size.
     """
-    from moerge.io.checkpoint import Checkpoint
+    from moerge.io.checkpoint import open_source
     from moerge.io.writer import ModelWriter, parse_size
-    from moerge.methods.sparsify import bernoulli_keep, tensor_seed
+    from moerge.methods.masks import bernoulli_keep, tensor_seed
 
     src, dst = Path(src), Path(dst)
-    ck = Checkpoint.open(src)
+    ck = open_source(src)
     tensors = [(n, i.dtype, i.shape) for n, i in ck.infos.items()]
     with ModelWriter(dst, tensors, shard_size=parse_size(shard_size), force=True) as w:
         gen = torch.Generator()
@@ -136,7 +136,7 @@ def make_llama_like_big(path: str | Path, *, hidden: int, intermediate: int, lay
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     dname = str(dtype).removeprefix("torch.")
     gen = torch.Generator()
-    from moerge.methods.sparsify import tensor_seed
+    from moerge.methods.masks import tensor_seed
 
     with ModelWriter(path, [(n, dname, s) for n, s in shapes], shard_size=parse_size(shard_size),
                      force=True) as w:

@@ -14,16 +14,6 @@ from typing import Any
 
 import torch
 
-HEAD_FILE = "head.safetensors"
-
-
-def load_encoder(path: str | Path) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
-
-    model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    return model, tok
-
 
 def pooled(model: Any, tok: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
     """Mean-pooled last hidden states (gradients flow; call under no_grad to embed)."""

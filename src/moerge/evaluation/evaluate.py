@@ -105,7 +105,6 @@ class Evaluator:
         self.held_in = set(get_suite(settings.suite).held_in)
         self.cache = (cache or default_cache()) / "eval"
         self._splits: dict[str, Splits] = {}
-        self._probe_cache: dict[tuple[str, str], tuple[torch.Tensor, list[int]]] = {}
 
     def split(self, task: str) -> Splits:
         if task not in self._splits:

@@ -43,6 +43,8 @@ from moerge.evaluation.zoo import (
     zoo_fingerprint,
 )
 from moerge.measure import run_measured
+from moerge.stats.format import META as STATS_META
+from moerge.stats.format import read_meta, stale_for
 
 # data-free methods of the engine and the values tried on validation (slerp takes one model: not in a
 # many-expert comparison; passthrough does not merge)
@@ -78,7 +80,6 @@ GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
 # (a comparison may name another statistic for a method as METHOD@STATISTIC, e.g. mats@gram: MaTS with the
 # RegMean objective)
 DATA_AWARE = {"fisher": "fisher", "regmean": "gram", "mats": "kfac"}
-DATA_FREE = [m for m in GRIDS["full"] if m not in DATA_AWARE]
 
 
 def method_and_statistic(spec: str) -> tuple[str, str | None]:
@@ -188,8 +189,8 @@ class Experiment:
         """An expert's statistics folder, computed on first use (`moerge stats`, its own process, measured)."""
         out = stats_dir(self.zoo, self.track, self.kind, stat, task)
         expert = expert_dir(self.zoo, self.track, self.kind, task)
-        meta = out / "moerge_stats.json"
-        if meta.exists() and json.loads(meta.read_text()).get("model_hash") != files_hash(expert):
+        meta = out / STATS_META
+        if meta.exists() and stale_for(read_meta(out), files_hash(expert)):
             self.log(f"statistics: the {task} expert was rebuilt since its {stat} statistics were computed")
             meta.unlink()
         if not meta.exists():
@@ -209,7 +210,7 @@ class Experiment:
         _, stat = method_and_statistic(spec)
         if stat is None:
             return {}
-        metas = [json.loads((self.stats(t, stat) / "moerge_stats.json").read_text()) for t in experts]
+        metas = [read_meta(self.stats(t, stat)) for t in experts]
         return {"stats_seconds": round(sum(m["seconds"] for m in metas), 1),
                 "stats_examples": sum(m["examples"] for m in metas), "stats_kind": stat}
 

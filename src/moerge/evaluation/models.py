@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from moerge.evaluation.tasks import TaskError, package_dir
+from moerge.io.publish import Publication
 
 TRACKS = ("decoder", "encoder")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,8 +75,7 @@ def _convert_smollm2(out: Path) -> None:
         del cfg.quantization_config
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(src.state_dict())
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)
+    with Publication(out, force=True) as pub:
+        plain.save_pretrained(pub.tmp)
+        tok.save_pretrained(pub.tmp)
+        pub.commit()

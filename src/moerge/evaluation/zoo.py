@@ -10,8 +10,9 @@ Layout of a zoo (every model folder is a plain Hugging Face folder)::
 
 Experts for held-out tasks are built too, but never merged: they give the
 "fine-tuned on this task" accuracy that held-out results are normalised by.
-Each expert is written to ``<task>.partial`` and renamed when complete, so an
-interrupted build resumes at the first missing expert. An expert already built
+Each expert is written into a temporary sibling and published atomically when
+complete (:mod:`moerge.io.publish`), so an interrupted build resumes at the first
+missing expert. An expert already built
 with other training settings than those asked for is an error, never silently
 reused; ``rebuild`` retrains it.
 
@@ -26,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +36,7 @@ from moerge.evaluation.evaluate import EXPERT_META, EvalSettings, Evaluator, Own
 from moerge.evaluation.models import check_track, pretrained_path
 from moerge.evaluation.tasks import TaskError, get_suite, get_task, make_splits
 from moerge.evaluation.train import TrainConfig, default_config
+from moerge.io.publish import Publication, is_temporary
 
 MULTITASK = "multitask"
 Report = Callable[[str, int, int, float], None]  # (label, step, total, loss)
@@ -95,15 +96,12 @@ def ensure_pretrained(zoo: Path, track: str, source: Path | None = None) -> Path
     src = source or pretrained_path(track)
     cls = AutoModelForCausalLM if track == "decoder" else AutoModel
     model = cls.from_pretrained(str(src), dtype=torch.float32)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
-    (tmp / EXPERT_META).write_text(json.dumps({"role": "pretrained", "track": track, "source": str(src)}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+    with Publication(out, force=True) as pub:
+        model.save_pretrained(pub.tmp)
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(pub.tmp)
+        (pub.tmp / EXPERT_META).write_text(json.dumps({"role": "pretrained", "track": track, "source": str(src)},
+                                                      indent=1))
+        return pub.commit()
 
 
 def build_zoo(suite_name: str, zoo: Path, *, track: str, kind: str = "full", tasks: list[str] | None = None,
@@ -145,16 +143,23 @@ def _build_one(suite_name: str, base: Path, out: Path, track: str, tasks: list[s
                progress: Callable[[int, int, float], None] | None) -> dict[str, Any]:
     import torch
 
-    from moerge.evaluation.evaluate import load_model
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     suite = get_suite(suite_name)
     splits = {t: make_splits(t, suite.sizes, seed=0) for t in tasks}
     data = {t: splits[t].train[: cfg.examples] for t in tasks}
+    with Publication(out, force=True) as pub:
+        meta = _train_into(pub.tmp, suite_name, base, out, track, tasks, cfg, splits, data, progress)
+        pub.commit()
+    return meta
+
+
+def _train_into(tmp: Path, suite_name: str, base: Path, out: Path, track: str, tasks: list[str], cfg: TrainConfig,
+                splits: dict[str, Any], data: dict[str, Any],
+                progress: Callable[[int, int, float], None] | None) -> dict[str, Any]:
+    """Train, save and validate one expert into the folder ``tmp`` (published by the caller)."""
+    from moerge.evaluation.evaluate import load_model
+
     model, tok = load_model(base, track)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     if track == "decoder":
         from moerge.evaluation.train import train_decoder
@@ -203,15 +208,7 @@ def _build_one(suite_name: str, base: Path, out: Path, track: str, tasks: list[s
     meta["validation"] = mine.score(tmp, tasks)
     meta["validation_pretrained"] = ev.score(base, tasks, probe_only=True)
     (tmp / EXPERT_META).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
     return meta
-
-
-def heads_root(zoo: Path, track: str, kind: str) -> Path:
-    """Where encoder heads are found: ``<root>/<task>/head.safetensors``."""
-    return zoo / track / kind
 
 
 def list_experts(zoo: Path, track: str, kind: str) -> dict[str, dict[str, Any]]:
@@ -219,7 +216,7 @@ def list_experts(zoo: Path, track: str, kind: str) -> dict[str, dict[str, Any]]:
     out = {}
     if root.exists():
         for d in sorted(root.iterdir()):
-            meta = read_meta(d) if d.is_dir() and not d.name.endswith(".partial") else None
+            meta = read_meta(d) if d.is_dir() and not d.name.endswith(".partial") and not is_temporary(d) else None
             if meta:
                 out[d.name] = meta
     return out

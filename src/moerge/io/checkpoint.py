@@ -1,26 +1,32 @@
-"""Opening a model checkpoint as a lazy map from tensor name to tensor.
+"""Opening a model's weights files as a lazy map from tensor name to tensor, and :func:`open_source`.
 
 A checkpoint is a Hugging Face model directory (one ``model.safetensors`` or
-shards listed in ``model.safetensors.index.json``), a PEFT LoRA adapter folder
-(see :mod:`moerge.io.lora`), a single ``.safetensors``
+shards listed in ``model.safetensors.index.json``), a single ``.safetensors``
 file, a PyTorch ``.bin`` checkpoint (only with ``allow_pickle``, and then only
 through ``torch.load(weights_only=True, mmap=True)``), or a Hugging Face repo id
-that is already in the local Hugging Face cache. Nothing is downloaded and no
-remote code runs.
+that is already in the local Hugging Face cache. :func:`open_source` also opens
+a PEFT LoRA adapter folder, as :class:`moerge.io.lora_view.LoraView`. Nothing is
+downloaded and no remote code runs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moerge.errors import CheckpointError
 from moerge.io.safetensors_format import SafetensorsReader, TensorEntry
+from moerge.io.sources import (
+    TensorInfo,
+    TensorSource,
+    files_fingerprint,
+    is_adapter_folder,
+    read_runs_one_by_one,
+    resolve_reference,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -29,71 +35,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape and dtype of one tensor, and the file that holds it."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-
-    @property
-    def numel(self) -> int:
-        n = math.prod(self.shape)
-        return n
-
-
-def hf_cache_dirs() -> list[Path]:
-    """The Hugging Face hub cache folders to look in, in the library's order of precedence."""
-    dirs = []
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            dirs.append(Path(os.environ[var]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    if os.environ.get("XDG_CACHE_HOME"):
-        dirs.append(Path(os.environ["XDG_CACHE_HOME"]) / "huggingface" / "hub")
-    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
-    return dirs
-
-
-def resolve_reference(ref: str | os.PathLike[str]) -> Path:
-    """Turn a path or ``org/name[@revision]`` into a local path, never downloading."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path
-    text = str(ref)
-    repo, _, revision = text.partition("@")
-    parts = repo.split("/")
-    looks_like_repo = len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
-    if not looks_like_repo:
-        raise CheckpointError(f"{text}: no such file or directory")
-    revision = revision or "main"
-    if "/" in revision or revision.startswith("."):
-        raise CheckpointError(f"{text}: invalid revision {revision!r}")
-    searched = []
-    for cache in hf_cache_dirs():
-        root = cache / f"models--{parts[0]}--{parts[1]}"
-        searched.append(str(cache))
-        if not root.is_dir():
-            continue
-        ref_file = root / "refs" / revision
-        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
-        snap = root / "snapshots" / commit
-        if snap.is_dir():
-            return snap
-        # a short commit hash
-        snaps = sorted(p for p in (root / "snapshots").glob(f"{commit}*") if p.is_dir()) if len(commit) >= 7 else []
-        if len(snaps) == 1:
-            return snaps[0]
-    raise CheckpointError(
-        f"{text}: not a local path, and not found in the Hugging Face cache "
-        f"(looked in {', '.join(dict.fromkeys(searched))})",
-        hint=f"download it first (e.g. `huggingface-cli download {repo}`) or pass a local directory",
-    )
 
 
 class Checkpoint:
@@ -112,15 +53,14 @@ class Checkpoint:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
-        """Open a model folder, a weights file, a cached hub model, or a PEFT LoRA adapter folder
-        (read as base + scale·B·A, see :mod:`moerge.io.lora`)."""
-        path = resolve_reference(ref)
-        root = path if path.is_dir() else path.parent
-        if path.is_dir() and (path / "adapter_config.json").is_file():
-            from moerge.io.lora import LoraCheckpoint
+    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> TensorSource:
+        """Open any tensor source, as :func:`open_source` (a PEFT adapter folder gives its LoRA view)."""
+        return open_source(ref, allow_pickle=allow_pickle)
 
-            return LoraCheckpoint(str(ref), path, allow_pickle=allow_pickle)
+    @classmethod
+    def open_weights(cls, path: Path, ref: str, *, allow_pickle: bool = False) -> Checkpoint:
+        """Open the weights of a model folder, a weights file or a cached hub model."""
+        root = path if path.is_dir() else path.parent
         if path.is_file():
             if path.suffix == ".safetensors":
                 return cls._from_safetensors(str(ref), root, [path])
@@ -160,13 +100,18 @@ class Checkpoint:
     def _from_safetensors(cls, ref: str, root: Path, files: list[Path]) -> Checkpoint:
         infos: dict[str, TensorInfo] = {}
         readers: dict[Path, Any] = {}
-        for f in files:
-            reader = SafetensorsReader(f)
-            readers[f] = reader
-            for name, e in reader.entries.items():
-                if name in infos:
-                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {infos[name].file}")
-                infos[name] = TensorInfo(name, e.dtype, e.shape, f)
+        try:
+            for f in files:
+                reader = SafetensorsReader(f)
+                readers[f] = reader
+                for name, e in reader.entries.items():
+                    if name in infos:
+                        raise CheckpointError(f"{f}: tensor {name!r} also appears in {infos[name].file}")
+                    infos[name] = TensorInfo(name, e.dtype, e.shape, f)
+        except BaseException:
+            for r in readers.values():
+                r.close()
+            raise
         return cls(ref, root, infos, readers)
 
     @classmethod
@@ -258,34 +203,13 @@ class Checkpoint:
         reader = self._readers[self.info(name).file]
         if isinstance(reader, SafetensorsReader):
             return reader.read_runs(name, runs)
-        return self._read_runs_one_by_one(name, runs)
-
-    def _read_runs_one_by_one(self, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
-        """:meth:`read_runs` through :meth:`read`, for inputs without a raw-file fast path."""
-        import torch
-
-        return torch.cat([self.read(name, s, e - s).reshape(-1) for s, e in runs])
+        return read_runs_one_by_one(self, name, runs)
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
 
     def fingerprint(self, samples: int = 64) -> str:
-        """A cheap content fingerprint (16 hex digits): each weight file's size, its first 1 MiB
-        (the header and the first tensors) and ``samples`` 4 KiB pieces spread evenly over the rest.
-        Two fine-tunes of one base differ almost everywhere, so they differ here; reading costs
-        about 1.3 MiB per file whatever the model size (statistics are checked against it)."""
-        import hashlib
-
-        h = hashlib.blake2b(digest_size=8)
-        for path in self.files:
-            size = path.stat().st_size
-            h.update(size.to_bytes(8, "little"))
-            with open(path, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                for k in range(samples):
-                    fh.seek(size * k // samples)
-                    h.update(fh.read(4096))
-        return h.hexdigest()
+        return files_fingerprint(self.files, samples)
 
     def close(self) -> None:
         for r in self._readers.values():
@@ -294,3 +218,32 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r}, {len(self.infos)} tensors, {len(self._readers)} files)"
+
+
+def open_source(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> TensorSource:
+    """The tensor source at ``ref`` (a path, or ``org/name[@revision]`` in the local Hugging Face cache):
+    a PEFT LoRA adapter folder is read as base + scale·B·A (its base opened the same way), anything
+    else as a checkpoint of weights files. Nothing is downloaded and no remote code runs."""
+    from moerge.io.lora_view import LoraView
+    from moerge.io.peft import PeftAdapter
+
+    path = resolve_reference(ref)
+    if not is_adapter_folder(path):
+        return Checkpoint.open_weights(path, str(ref), allow_pickle=allow_pickle)
+    adapter = PeftAdapter(path)
+    try:
+        try:
+            base_path = resolve_reference(adapter.base_ref)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: the adapter's base model {adapter.base_ref!r} is not available locally",
+                                  hint=e.hint) from None
+        base = open_source(base_path, allow_pickle=allow_pickle)
+    except BaseException:
+        adapter.close()
+        raise
+    try:
+        return LoraView(str(ref), adapter, base)
+    except BaseException:
+        adapter.close()
+        base.close()
+        raise

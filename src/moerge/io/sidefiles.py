@@ -39,8 +39,11 @@ def tokenizer_files(root: Path) -> list[Path]:
 
 
 def model_card(*, method: Any, recipe_text: str, conventions: str, inputs: list[str],
-               base: str | None, version: str, summary: dict[str, Any], notes: dict[str, Any]) -> str:
-    """A Hugging Face model card (README.md) recording how the model was made."""
+               base: str | None, version: str, summary: dict[str, Any], notes: dict[str, Any],
+               statistics: list[str] | None = None) -> str:
+    """A Hugging Face model card (README.md) recording how the model was made. ``inputs`` are the merged
+    models (the card's ``base_model`` when no base is named); ``statistics`` the folders a data-aware
+    method read, listed apart."""
     base_models = [base] if base else inputs
     front = ["---", "library_name: transformers", "tags:", "- moerge", "- merge", f"- {method.name}",
              "base_model:"] + [f"- {json.dumps(m)}" for m in base_models] + ["---", ""]
@@ -59,6 +62,8 @@ def model_card(*, method: Any, recipe_text: str, conventions: str, inputs: list[
         "",
     ]
     lines += [f"- `{m}`" + (" (base)" if m == base else "") for m in inputs]
+    if statistics:
+        lines += ["", "## Statistics", ""] + [f"- `{m}`" for m in statistics]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in notes.items()]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]

@@ -1,22 +1,19 @@
-"""Writing a model: streamed safetensors shards, an index, side files, atomic publication.
+"""Writing a model: streamed safetensors shards, an index and side files, published atomically.
 
-Everything is written into a hidden sibling directory
-(``.NAME.moerge-tmp-PID-XXXX``), every file and the directory are fsynced, and
-only then is the directory renamed to the output path. A crash, a kill or
-Ctrl-C at any moment leaves either the old state or the complete new model at
-the output path, never a half-written model. Shards are streamed: each shard's
-header is written first (the plan knows every shape), then tensor bytes in
-order, so the writer holds no tensor longer than one ``write`` call.
+Everything goes into the temporary folder of a :class:`moerge.io.publish.Publication`,
+which :meth:`ModelWriter.commit` renames into place once every byte is on disk, so
+the output path holds either the old state or the complete new model, never a
+half-written one. Shards are streamed: each shard's header is written first (the
+plan knows every shape), then tensor bytes in order, so the writer holds no
+tensor longer than one ``write`` call.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 from dataclasses import dataclass
@@ -24,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from moerge.errors import OutputError
+from moerge.io.publish import Publication, output_error
 from moerge.io.safetensors_format import build_header, tensor_nbytes
 
 if TYPE_CHECKING:
     import torch
 
-TMP_MARK = ".moerge-tmp-"
 
 
 def parse_size(text: str | int) -> int:
@@ -57,61 +54,6 @@ class _Shard:
     tensors: list[tuple[str, str, tuple[int, ...]]]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temp_dirs(out_dir: Path) -> list[Path]:
-    """Remove temporary siblings left by merges whose process no longer exists.
-
-    A previous model set aside by an interrupted ``--force`` replacement
-    (``...-old-...``) is never deleted: if the output is missing it is put back.
-    """
-    removed = []
-    for p in out_dir.parent.glob(f".{out_dir.name}{TMP_MARK}*"):
-        m = re.search(re.escape(TMP_MARK) + r"(\d+)-", p.name)
-        if not m or _pid_alive(int(m.group(1))):
-            continue
-        if "-old-" in p.name:
-            if not out_dir.exists():
-                os.rename(p, out_dir)  # a crash between the two renames of a forced replacement
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    res = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return res == 0
-
-
 WRITEBACK_EVERY = 64 << 20  # bytes written between asynchronous writeback requests
 
 
@@ -123,7 +65,7 @@ def _start_writeback(fd: int) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _sync_file_range():  # noqa: ANN202
+def _sync_file_range():
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -146,22 +88,8 @@ class ModelWriter:
                  *, shard_size: int = 5_000_000_000, force: bool = False,
                  metadata: dict[str, str] | None = None) -> None:
         self.out_dir = Path(out_dir)
-        self.force = force
-        if self.out_dir.exists() and not force:
-            raise OutputError(f"{self.out_dir} already exists", hint="pass --force to replace it")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise OutputError(f"{self.out_dir} exists and is not a directory")
-        parent = self.out_dir.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create {parent}: {e.strerror or e}") from e
-        clean_stale_temp_dirs(self.out_dir)
-        self.tmp = parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
-        try:
-            self.tmp.mkdir()
-        except OSError as e:
-            raise OutputError(f"cannot write in {parent}: {e.strerror or e}") from e
+        self.publication = Publication(out_dir, force=force)
+        self.tmp = self.publication.tmp
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards = self._layout(tensors, shard_size)
         self._order = [t[0] for s in self.shards for t in s.tensors]
@@ -169,7 +97,6 @@ class ModelWriter:
         self._next = 0
         self._file: BinaryIO | None = None
         self._file_shard = -1
-        self._closed = False
         self.bytes_written = 0
         self._unflushed = 0
 
@@ -189,16 +116,11 @@ class ModelWriter:
         n = len(groups)
         return [_Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
-    def _guard(self, fn, *args):  # noqa: ANN001, ANN202
+    def _guard(self, fn, *args):
         try:
             return fn(*args)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise OutputError(
-                    f"disk full while writing {self.out_dir} ({self.bytes_written / 1e9:.2f} GB written); "
-                    "the partial output was removed", hint="free some space and run again",
-                ) from e
-            raise OutputError(f"cannot write {self.out_dir}: {e.strerror or e}") from e
+            raise output_error(e, self.out_dir, self.bytes_written) from e
 
     def _open_shard(self, idx: int) -> None:
         self._close_file()
@@ -208,7 +130,7 @@ class ModelWriter:
         self._file_shard = idx
         self._guard(self._write_all, prefix)
 
-    def _write_all(self, data) -> None:  # noqa: ANN001
+    def _write_all(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
             n = self._file.write(view)  # type: ignore[union-attr]
@@ -259,31 +181,7 @@ class ModelWriter:
             index = {"metadata": {"total_size": total},
                      "weight_map": {t[0]: s.filename for s in self.shards for t in s.tensors}}
             self.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        for p in self.tmp.iterdir():
-            if p.is_file():
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    self._guard(os.fsync, fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(self.tmp)
-        trash = None
-        if self.out_dir.exists():
-            if not self.force:
-                raise OutputError(f"{self.out_dir} appeared while merging; not replacing it without --force")
-            if _exchange(self.tmp, self.out_dir):
-                trash = self.tmp  # now holds the previous output
-            else:
-                trash = self.out_dir.parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(3)}"
-                os.rename(self.out_dir, trash)
-                os.rename(self.tmp, self.out_dir)
-        else:
-            os.rename(self.tmp, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
-        self._closed = True
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return self.out_dir
+        return self.publication.commit()
 
     def abort(self) -> None:
         """Remove everything written so far (the output path is untouched)."""
@@ -292,13 +190,10 @@ class ModelWriter:
                 self._file.close()
                 self._file = None
         finally:
-            if not self._closed:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                self._closed = True
+            self.publication.abort()
 
     def __enter__(self) -> ModelWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-        if exc_type is not None or not self._closed:
-            self.abort()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort()

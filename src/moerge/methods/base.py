@@ -3,7 +3,7 @@
 A method never opens a file. For one output tensor it receives the tensor's
 shape and its parameters, already resolved for that tensor (per-model
 parameters as lists, one value per model), and returns a
-:class:`~moerge.methods.blocks.TensorMerger`, which the executor feeds with
+:class:`~moerge.methods.protocol.TensorMerger`, which the executor feeds with
 blocks of the base tensor (or None) and of each model's tensor, in float32 on
 the compute device.
 
@@ -140,7 +140,7 @@ class MergeMethod:
 
     def build(self, shape: tuple[int, ...], model_params: list[dict[str, Any]], params: dict[str, Any],
               **extra: Any) -> Any:
-        """The :class:`~moerge.methods.blocks.TensorMerger` for one tensor of ``shape``."""
+        """The :class:`~moerge.methods.protocol.TensorMerger` for one tensor of ``shape``."""
         kwargs: dict[str, Any] = {}
         for p in self.params:
             if p.per_model:
@@ -162,7 +162,7 @@ class MergeMethod:
         ``out_dtype``, default the inputs' dtype).
         """
         from moerge import native as kernels
-        from moerge.methods.blocks import BLOCK, run_whole
+        from moerge.methods.protocol import BLOCK, run_whole
 
         merger = self.build(tuple(models[0].shape), model_params, params, **extra)
         use_native = native and kernels.available() and merger.native_ok()

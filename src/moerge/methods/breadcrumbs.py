@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
-from moerge.methods.consensus import RankWindowSparsifier, Sparsifier, TaskVectorMerger
-from moerge.methods.sparsify import breadcrumbs_counts
+from moerge.methods.masks import breadcrumbs_counts
+from moerge.methods.task_vector import RankWindowSparsifier, Sparsifier, TaskVectorMerger
 from moerge.methods.ties import TIES_CONVENTIONS, zero_sign_rule
 
 CITATION = ("Davari & Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
-from moerge.methods.consensus import TaskVectorMerger, drop_sparsifiers
+from moerge.methods.task_vector import TaskVectorMerger, drop_sparsifiers
 from moerge.methods.ties import TIES_CONVENTIONS, zero_sign_rule
 
 RESCALE_NORM = ("inverse_density", "l1")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from moerge.methods.base import Param, register
-from moerge.methods.blocks import TensorMerger
-from moerge.methods.statistics import STATS_WEIGHT, StatsSource, average
+from moerge.methods.data_aware import STATS_WEIGHT, StatsSource, average
+from moerge.methods.protocol import TensorMerger
 
 
 class FisherMerger(TensorMerger):
@@ -28,7 +28,7 @@ class FisherMerger(TensorMerger):
         self.epsilon = epsilon
         self.stats = stats
 
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start, base, models) -> torch.Tensor:
         stop = start + models[0].numel()
         num = torch.zeros_like(models[0])
         den = torch.zeros_like(models[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moerge.methods.base import WEIGHT, Param, register
-from moerge.methods.blocks import TensorMerger
+from moerge.methods.protocol import TensorMerger
 
 
 class LinearMerger(TensorMerger):
@@ -16,7 +16,7 @@ class LinearMerger(TensorMerger):
             raise ValueError("the weights sum to zero; set normalize: false or change them")
         self.divide = total if normalize else 1.0
 
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start, base, models) -> torch.Tensor:
         out = torch.zeros_like(models[0])
         for w, m in zip(self.weight, models):
             out.add_(m, alpha=w)
@@ -25,7 +25,7 @@ class LinearMerger(TensorMerger):
     def native_ok(self) -> bool:
         return True
 
-    def emit_native(self, start, base, models, out, flags) -> int:  # noqa: ANN001
+    def emit_native(self, start, base, models, out, flags) -> int:
         from moerge import native
 
         return native.linear_emit(models, self.weight, self.divide, out, flags)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from moerge.methods.base import Param, register
-from moerge.methods.statistics import ALPHA, RIDGE, STATS_WEIGHT, StatsSource, WholeTensorMerger, average, shrink
+from moerge.methods.data_aware import ALPHA, RIDGE, STATS_WEIGHT, StatsSource, WholeTensorMerger, average, shrink
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:

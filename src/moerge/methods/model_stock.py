@@ -8,7 +8,7 @@ import math
 import torch
 
 from moerge.methods.base import Param, register
-from moerge.methods.blocks import TensorMerger
+from moerge.methods.protocol import TensorMerger
 
 
 class ModelStockMerger(TensorMerger):
@@ -33,7 +33,7 @@ class ModelStockMerger(TensorMerger):
             return 0, x.reshape(1, -1)
         return start // self.row_len, x.reshape(-1, self.row_len)
 
-    def observe(self, p, start, base, models) -> None:  # noqa: ANN001
+    def observe(self, p, start, base, models) -> None:
         r0, _ = self._rows(start, base)
         deltas = [self._rows(start, (m - base).double())[1] for m in models]
         r1 = r0 + deltas[0].shape[0]
@@ -48,14 +48,14 @@ class ModelStockMerger(TensorMerger):
 
         return not self.row_aligned and self.n <= native.GRAM_MAX
 
-    def observe_native(self, p, start, base, models) -> int:  # noqa: ANN001
+    def observe_native(self, p, start, base, models) -> int:
         from moerge import native
 
         if not hasattr(self, "_gram"):
             self._gram = torch.zeros(self.n, self.n, dtype=torch.float64)
         return native.gram(base, models, self._gram)
 
-    def emit_native(self, start, base, models, out, flags) -> int:  # noqa: ANN001
+    def emit_native(self, start, base, models, out, flags) -> int:
         from moerge import native
 
         t = float(self.t[0])
@@ -82,7 +82,7 @@ class ModelStockMerger(TensorMerger):
         safe = denom.abs() >= 1e-6
         self.t = torch.where(safe, self.n * cos / torch.where(safe, denom, 1.0), 0.0).float()
 
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start, base, models) -> torch.Tensor:
         mean = torch.zeros_like(base)
         for m in models:
             mean.add_(m)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from moerge.methods.base import Param, register
-from moerge.methods.blocks import TensorMerger
+from moerge.methods.protocol import TensorMerger
 
 
 class ScaleMerger(TensorMerger):
     def __init__(self, scale: float) -> None:
         self.scale = scale
 
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start, base, models) -> torch.Tensor:
         return models[0] if self.scale == 1.0 else models[0] * self.scale
 
 

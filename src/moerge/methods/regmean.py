@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from moerge.methods.base import register
-from moerge.methods.blocks import TensorMerger
-from moerge.methods.statistics import ALPHA, RIDGE, STATS_WEIGHT, StatsSource, average, shrink
+from moerge.methods.data_aware import ALPHA, RIDGE, STATS_WEIGHT, StatsSource, average, shrink
+from moerge.methods.protocol import TensorMerger
 
 
 def regularised_system(grams: list[torch.Tensor], weight: list[float], alpha: float, ridge: float,
@@ -65,7 +65,7 @@ class RegMeanMerger(TensorMerger):
         self.cols = shape[1]
         notes["solved_layers"] = notes.get("solved_layers", 0) + 1
 
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start, base, models) -> torch.Tensor:
         out = torch.zeros(models[0].numel() // self.cols, self.cols, dtype=torch.float32, device=models[0].device)
         for p, m in zip(self.proj, models):
             out.addmm_(m.view(-1, self.cols), p)

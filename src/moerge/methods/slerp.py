@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from moerge.methods.base import Param, register
-from moerge.methods.blocks import TensorMerger
+from moerge.methods.protocol import TensorMerger
 
 
 class SlerpMerger(TensorMerger):
@@ -21,7 +21,7 @@ class SlerpMerger(TensorMerger):
         self.n0 = self.n1 = self.dot = 0.0
         self.c0, self.c1 = 1.0 - t, t
 
-    def observe(self, p, start, base, models) -> None:  # noqa: ANN001
+    def observe(self, p, start, base, models) -> None:
         v0, v1 = base.double(), models[0].double()
         self.n0 += float(v0.square().sum())
         self.n1 += float(v1.square().sum())
@@ -31,7 +31,7 @@ class SlerpMerger(TensorMerger):
     def native_ok(self) -> bool:
         return True
 
-    def observe_native(self, p, start, base, models) -> int:  # noqa: ANN001
+    def observe_native(self, p, start, base, models) -> int:
         from moerge import native
 
         g = torch.zeros(2, 2, dtype=torch.float64)
@@ -41,7 +41,7 @@ class SlerpMerger(TensorMerger):
         self.dot += float(g[0, 1])
         return nf
 
-    def emit_native(self, start, base, models, out, flags) -> int:  # noqa: ANN001
+    def emit_native(self, start, base, models, out, flags) -> int:
         from moerge import native
 
         return native.linear_emit([base, models[0]], [self.c0, self.c1], 1.0, out, flags)
@@ -59,7 +59,7 @@ class SlerpMerger(TensorMerger):
         self.c0 = math.sin((1.0 - self.t) * theta) / sin_theta
         self.c1 = math.sin(self.t * theta) / sin_theta
 
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start, base, models) -> torch.Tensor:
         if self.c1 == 0.0 and self.c0 == 1.0:
             return base.clone()
         if self.c0 == 0.0 and self.c1 == 1.0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
-from moerge.methods.consensus import Sparsifier, TaskVectorMerger
+from moerge.methods.task_vector import Sparsifier, TaskVectorMerger
 
 
 @register(

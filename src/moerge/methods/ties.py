@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from moerge.methods.base import DENSITY, LAMBDA, WEIGHT, Param, register
-from moerge.methods.blocks import RankSelect
-from moerge.methods.consensus import (
+from moerge.methods.masks import topk_window
+from moerge.methods.select import RankSelect
+from moerge.methods.task_vector import (
     CONSENSUS,
     DIVISOR,
     SIGN_ELECTION,
@@ -19,7 +20,6 @@ from moerge.methods.consensus import (
     TaskVectorMerger,
     ThresholdSparsifier,
 )
-from moerge.methods.sparsify import topk_window
 
 TRIM_SCOPE = ("model", "tensor")
 
@@ -49,7 +49,7 @@ class GlobalTrimThreshold:
     The TIES reference code flattens each model's task vector and keeps entries
     with |τ| ≥ its k-th smallest |τ|, k = d − ⌊d·density⌋. We find that value
     exactly without holding the task vector: a radix selection over every
-    tensor (:class:`~moerge.methods.blocks.RankSelect`), two streaming passes,
+    tensor (:class:`~moerge.methods.select.RankSelect`), two streaming passes,
     two 64 Ki-entry histograms per model.
     """
 
@@ -132,7 +132,7 @@ def trim_sparsifiers(n: int, density: list[float], trim_scope: str,
 def ties(shape: tuple[int, ...], *, weight: list[float], density: list[float], lam: float, normalize: bool,
          trim_scope: str, sign_election: str, consensus_method: str, divisor: str,
          thresholds: list[float | None] | None = None) -> TaskVectorMerger:
-    """θ₀ + λ·disjoint-merge(elect(trim(τᵢ))). See :class:`~moerge.methods.consensus.TaskVectorMerger`.
+    """θ₀ + λ·disjoint-merge(elect(trim(τᵢ))). See :class:`~moerge.methods.task_vector.TaskVectorMerger`.
 
     ``trim_scope="tensor"`` keeps exactly max(1, ⌊density·n⌋) entries per tensor
     (ties in magnitude broken by position). ``"model"`` keeps |τ| ≥ the model's

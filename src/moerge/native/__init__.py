@@ -92,11 +92,6 @@ def disabled() -> Iterator[None]:
         _disabled = before
 
 
-def supports(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels can take these blocks as they are (CPU, contiguous, bfloat16/float32)."""
-    return all(t is None or (t.device.type == "cpu" and t.dtype in DT_CODES and t.is_contiguous()) for t in tensors)
-
-
 def _lib_or_raise() -> ctypes.CDLL:
     lib = _lib()
     if lib is None:

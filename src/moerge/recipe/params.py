@@ -10,33 +10,9 @@ first matching condition wins, and if none matches the next level is asked.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 NOT_SET: Any = object()
-
-LAYER_RE = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
-PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block index in a tensor name (``model.layers.7.mlp...`` → 7)."""
-    m = LAYER_RE.search(name)
-    return int(m.group(3)) if m else None
-
-
-def with_layer_index(name: str, index: int) -> str:
-    """Replace the block index in a tensor name."""
-    m = LAYER_RE.search(name)
-    if not m:
-        return name
-    return name[: m.start(3)] + str(index) + name[m.end(3):]
-
-
-def is_pre_layer(name: str) -> bool:
-    """Whether a tensor outside the blocks sits before them (embeddings) rather than after."""
-    return any(h in name for h in PRE_LAYER_HINTS)
-
 
 def is_filter_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)

@@ -34,9 +34,8 @@ from typing import Any
 import torch
 
 from moerge.errors import MoergeError
-
-KINDS = ("gram", "fisher", "kfac")
-STATS_META = "moerge_stats.json"
+from moerge.stats.format import KINDS
+from moerge.stats.format import META as STATS_META
 
 
 class StatsError(MoergeError):
@@ -145,7 +144,7 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
     """Compute ``settings.kind`` statistics of one model over a task's train split (or given texts)."""
     from moerge.evaluation.evaluate import files_hash, load_model
     from moerge.evaluation.tasks import Example, content_hash, get_task, make_splits
-    from moerge.io.checkpoint import Checkpoint
+    from moerge.io.checkpoint import open_source
     from moerge.io.writer import ModelWriter
 
     if settings.kind not in KINDS:
@@ -172,7 +171,7 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
         raise StatsError(f"{settings.kind} needs labelled examples of a task (a loss to differentiate)")
     data_hash = content_hash([Example(x, y) for x, y in zip(texts, labels or [0] * len(texts))])
 
-    ckpt = Checkpoint.open(model_dir)
+    ckpt = open_source(model_dir)
     names, fingerprint = set(ckpt.tensor_names), ckpt.fingerprint()
     model, tok = load_model(model_dir, track)
     head = None

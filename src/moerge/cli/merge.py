@@ -1,104 +1,13 @@
-"""The ``moerge`` command line. Parsing, progress and error display only; the work is in moerge.api.
-
-Heavy modules (torch, pydantic, the methods) are imported inside the commands so
-that ``moerge --help`` answers at once.
-"""
+"""``moerge merge``, ``inspect``, ``diff``, ``methods``, ``demo`` and ``extract-lora``."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from typing import Any
-
 import click
 
-EPILOG = """\b
-Examples:
-  moerge merge recipe.yaml ./merged          merge the models of a recipe
-  moerge merge recipe.yaml ./merged --dry-run   validate and plan only
-  moerge inspect ./merged                    tensors, dtypes, shapes, shards
-  moerge diff ./base ./expert                how much each tensor changed
-  moerge methods                             every method and its parameters
-  moerge methods ties                        one method in detail
-  moerge demo ./demo                         build small models and merge them
-  moerge zoo build text --track encoder      fine-tune real experts (offline)
-  moerge compare --track encoder             merge them every way, score held-in/held-out
-  moerge report results                      HTML report and figures
-
-Recipes are YAML in moerge's format (method: ...) or mergekit's (merge_method: ...).
-See the README for a recipe gallery."""
+from moerge.cli._common import ProgressBar, run
 
 
-def _fail(message: str, hint: str | None, code: int) -> None:
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[bold red]error:[/] {message}", markup=True)
-    if hint:
-        err.print(f"[dim]hint:[/] {hint}", markup=True)
-    sys.exit(code)
-
-
-def _run(ctx: click.Context, fn: Callable[[], Any]) -> Any:
-    """Run a command body, turning moerge errors into one readable message and an exit code."""
-    debug = bool(ctx.find_root().obj and ctx.find_root().obj.get("debug"))
-    from moerge.errors import MoergeError
-
-    try:
-        return fn()
-    except MoergeError as e:
-        if debug:
-            raise
-        _fail(e.message, e.hint, e.exit_code)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        _fail("interrupted; no output was written (partial files were removed)", None, 130)
-    except MemoryError:
-        if debug:
-            raise
-        _fail("out of memory", "use a smaller --prefetch, or a machine with more RAM", 3)
-    except Exception as e:  # noqa: BLE001
-        if debug:
-            raise
-        _fail(f"internal error: {type(e).__name__}: {e}", "run again with --debug for the traceback, "
-              "and please report it", 1)
-
-
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="moerge", prog_name="moerge")
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
-    """moerge: merge fine-tuned models of the same base into one, fast and in bounded memory."""
-    ctx.obj = {"debug": debug}
-
-
-def _progress(total_label: str, quiet: bool):  # noqa: ANN202
-    """A rich progress bar on stderr (only when stderr is a terminal and not --quiet)."""
-    if quiet or not sys.stderr.isatty():
-        return None, None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"),
-                   transient=True)
-    task = bar.add_task(total_label, total=None, tensor="")
-
-    def update(name: str, done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total, tensor=name[-48:])
-
-    return bar, update
-
-
-@main.command()
+@click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (atomically, after the merge succeeds).")
@@ -127,16 +36,11 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
     def body() -> None:
         from moerge.api import merge as do_merge
 
-        bar, update = _progress("merging", quiet or dry_run)
-        if bar is not None:
-            bar.start()
-        try:
+        with ProgressBar(quiet or dry_run, transient=True) as bar:
             res = do_merge(recipe, out_dir, force=force, shard_size=shard_size, device=device,
                            allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
-                           progress=update, lora_rank=lora_rank)
-        finally:
-            if bar is not None:
-                bar.stop()
+                           progress=lambda name, done, total: bar.update("merging", done, total, name[-48:]),
+                           lora_rank=lora_rank)
         s = res.summary
         for w in res.warnings:
             click.echo(f"warning: {w}", err=True)
@@ -151,10 +55,10 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
         if res.output is not None:
             click.echo(f"wrote {res.output}")
 
-    _run(ctx, body)
+    run(ctx, body)
 
 
-@main.command()
+@click.command()
 @click.argument("model")
 @click.option("--tensors/--no-tensors", default=True, help="List every tensor.")
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin checkpoints.")
@@ -181,10 +85,10 @@ def inspect(ctx: click.Context, model: str, tensors: bool, allow_pickle: bool) -
         click.echo("dtypes:     " + ", ".join(f"{k} {v:,}" for k, v in info.dtypes().items()))
         click.echo(f"files:      {len(info.files)} ({info.total_bytes / 1e9:.3f} GB): {', '.join(info.files)}")
 
-    _run(ctx, body)
+    run(ctx, body)
 
 
-@main.command()
+@click.command()
 @click.argument("base")
 @click.argument("other")
 @click.option("--top", type=int, default=0, help="Only the N tensors that changed most (by relative change).")
@@ -227,10 +131,10 @@ def diff(ctx: click.Context, base: str, other: str, top: int, as_json: bool, all
         if only_b:
             click.echo(f"only in {other}: {', '.join(only_b)}")
 
-    _run(ctx, body)
+    run(ctx, body)
 
 
-@main.command()
+@click.command()
 @click.argument("name", required=False)
 @click.pass_context
 def methods(ctx: click.Context, name: str | None) -> None:
@@ -262,10 +166,10 @@ def methods(ctx: click.Context, name: str | None) -> None:
                 click.echo("\n    " + m.fn.__doc__.strip().replace("\n", "\n    "))
             click.echo()
 
-    _run(ctx, body)
+    run(ctx, body)
 
 
-@main.command()
+@click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False), default="./moerge-demo")
 @click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
 @click.option("--force", is_flag=True, help="Rebuild OUT_DIR if it exists.")
@@ -278,10 +182,10 @@ def demo(ctx: click.Context, out_dir: str, method: str, force: bool) -> None:
 
         run_demo(out_dir, method=method, force=force, echo=click.echo)
 
-    _run(ctx, body)
+    run(ctx, body)
 
 
-@main.command("extract-lora")
+@click.command("extract-lora")
 @click.argument("model")
 @click.argument("base")
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -313,14 +217,7 @@ def extract_lora(ctx: click.Context, model: str, base: str, out_dir: str, rank: 
                        f"not in the adapter: " + ", ".join(list(rep.not_representable)[:5]), err=True)
         click.echo(f"wrote {rep.output}")
 
-    _run(ctx, body)
+    run(ctx, body)
 
 
-def _add_evaluation_commands() -> None:
-    from moerge.evaluation import cli as evaluation_cli
-
-    for command in evaluation_cli.COMMANDS:
-        main.add_command(command)
-
-
-_add_evaluation_commands()
+COMMANDS = [merge, inspect, diff, methods, demo, extract_lora]

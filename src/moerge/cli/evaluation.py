@@ -1,15 +1,16 @@
-"""Command-line commands of the evaluation: ``moerge zoo``, ``moerge eval``, ``moerge sweep``, ``moerge report``.
+"""The evaluation's commands: ``moerge zoo``, ``eval``, ``sweep``, ``compare`` and ``report``.
 
 Only click is imported here; torch and transformers load inside the commands.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
+
+from moerge.cli._common import ProgressBar, run_offline
 
 ZOO_HELP = "Zoo folder (default: $MOERGE_CACHE/zoo, i.e. ~/.cache/moerge/zoo)."
 
@@ -20,54 +21,9 @@ def _zoo_dir(zoo: str | None) -> Path:
     return Path(zoo) if zoo else default_cache() / "zoo"
 
 
-def _runner(ctx: click.Context, fn: Any) -> Any:
-    import os
-
-    from moerge.cli import _run
-
-    # offline, and quiet: our own progress bars and tables, not the libraries' (read when they are imported)
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-        os.environ.setdefault(key, value)
-    return _run(ctx, fn)
-
-
-class _Bar:
-    """One rich progress bar per label (an expert being trained, a model being scored)."""
-
-    def __init__(self, quiet: bool):
-        self.bar = None
-        self.tasks: dict[str, Any] = {}
-        if not quiet and sys.stderr.isatty():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-
-    def __enter__(self) -> _Bar:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def __call__(self, label: str, step: int, total: int, loss: float) -> None:
-        if self.bar is None:
-            if step == total:
-                click.echo(f"{label}: {total} steps, loss {loss:.4f}", err=True)
-            return
-        if label not in self.tasks:
-            self.tasks[label] = self.bar.add_task(label, total=total, info="")
-        self.bar.update(self.tasks[label], completed=step, info=f"loss {loss:.4f}")
+def training_bar(quiet: bool) -> ProgressBar:
+    """A bar per expert being trained; without a terminal, one line per expert when it is done."""
+    return ProgressBar(quiet, on_done=lambda label, total, info: click.echo(f"{label}: {total} steps, {info}", err=True))
 
 
 @click.group()
@@ -124,13 +80,15 @@ def zoo_build(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: st
         from moerge.evaluation.zoo import build_zoo
 
         root = _zoo_dir(zoo_dir)
-        with _Bar(quiet) as bar:
+        with training_bar(quiet) as bar:
             metas = build_zoo(suite, root, track=track, kind=kind, multitask=multitask, rebuild=rebuild,
-                              tasks=tasks.split(",") if tasks else None, report=bar, **overrides)
+                              tasks=tasks.split(",") if tasks else None,
+                              report=lambda label, step, total, loss: bar.update(label, step, total, f"loss {loss:.4f}"),
+                              **overrides)
         _print_experts(metas)
         click.echo(f"zoo: {root / track / kind}")
 
-    _runner(ctx, body)
+    run_offline(ctx, body)
 
 
 def _print_experts(metas: list[dict[str, Any]]) -> None:
@@ -158,7 +116,7 @@ def zoo_list(ctx: click.Context, zoo_dir: str | None) -> None:
                     click.secho(f"\n{track} / {kind}  ({root / track / kind})", bold=True)
                     _print_experts(metas)
 
-    _runner(ctx, body)
+    run_offline(ctx, body)
 
 
 def _experiment(suite: str, track: str, kind: str, zoo_dir: str | None, results: str, val_limit: int | None,
@@ -217,16 +175,18 @@ def eval_cmd(ctx: click.Context, model: str, suite: str, track: str, kind: str, 
 
         from moerge.evaluation.experiment import _line
         from moerge.evaluation.report import text_table
+        from moerge.recipe import load_recipe
 
-        exp = _experiment(suite, track, kind, zoo_dir, results, val_limit, test_limit, quiet)
         path = Path(model)
-        if path.is_file() and path.suffix in (".yaml", ".yml"):
-            recipe = yaml.safe_load(path.read_text())
-            out, cost = exp.merge(recipe)
-            rec = exp.record(name or path.stem, "merge", out, split, method=recipe.get("method") or
-                             recipe.get("merge_method"), params=recipe.get("parameters") or {},
-                             experts=[str(m.get("model") if isinstance(m, dict) else m)
-                                      for m in recipe.get("models", [])], **cost)
+        is_recipe = path.is_file() and path.suffix in (".yaml", ".yml")
+        loaded = load_recipe(path) if is_recipe else None  # recipe errors, with their line, before anything runs
+        exp = _experiment(suite, track, kind, zoo_dir, results, val_limit, test_limit, quiet)
+        if loaded is not None:
+            r = loaded.recipe
+            experts = [m.model for m in r.models] if r.models else [s.model for sl in r.slices or [] for s in sl.sources]
+            out, cost = exp.merge(yaml.safe_load(loaded.text or path.read_text()))
+            rec = exp.record(name or path.stem, "merge", out, split, method=r.method, params=dict(r.parameters),
+                             experts=list(dict.fromkeys(experts)), **cost)
         else:
             rec = exp.record(name or path.name, "model", path, split)
         click.echo(_line(rec))
@@ -235,7 +195,7 @@ def eval_cmd(ctx: click.Context, model: str, suite: str, track: str, kind: str, 
         norm = ", ".join(f"{t} {n:.3f}" for t, n in rec["normalized"].items())
         click.echo(f"{split} split; * held-out task. {rec['name']}, normalised by each task's expert: {norm}")
 
-    _runner(ctx, body)
+    run_offline(ctx, body)
 
 
 @click.command("sweep")
@@ -265,7 +225,7 @@ def sweep_cmd(ctx: click.Context, method: str, suite: str, track: str, kind: str
         best, _ = exp.sweep(method, grid or GRIDS["full"].get(method, {}))
         click.echo(f"best on validation: {method} {best}")
 
-    _runner(ctx, body)
+    run_offline(ctx, body)
 
 
 def _number(v: str) -> Any:
@@ -308,7 +268,7 @@ def compare_cmd(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: 
         exp.compare(chosen, grid=grid, curve=not no_curve)
         click.echo(f"records in {Path(results) / 'records'}; next: moerge report {results}")
 
-    _runner(ctx, body)
+    run_offline(ctx, body)
 
 
 @click.command("report")
@@ -323,61 +283,7 @@ def report_cmd(ctx: click.Context, results: str, out: str | None) -> None:
 
         click.echo(f"wrote {write_report(results, out, warn=lambda m: click.echo(f'warning: {m}', err=True))}")
 
-    _runner(ctx, body)
+    run_offline(ctx, body)
 
 
-@click.command("stats")
-@click.argument("kind", type=click.Choice(["gram", "fisher", "kfac"]))
-@click.argument("model")
-@click.option("--data", required=True, help="A task name (its train split is used), or a JSONL file of "
-              '{"text": ..., "label": ...} rows (then --task gives the prompt and labels).')
-@click.option("--task", default=None, help="The task whose prompt and labels a JSONL file follows.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-@click.option("--track", type=click.Choice(["encoder", "decoder"]), default="decoder", show_default=True)
-@click.option("--examples", type=int, default=256, show_default=True, help="At most this many examples.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="gram only (fisher, kfac: one by one).")
-@click.option("--max-length", type=int, default=64, show_default=True)
-@click.option("--estimator", type=click.Choice(["empirical", "true"]), default="empirical", show_default=True,
-              help="fisher/kfac: the true label, or the expectation over labels under the model.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("-q", "--quiet", is_flag=True)
-@click.pass_context
-def stats_cmd(ctx: click.Context, kind: str, model: str, data: str, task: str | None, out: str, track: str,
-              examples: int, batch_size: int, max_length: int, estimator: str, force: bool, quiet: bool) -> None:
-    """Compute KIND statistics of MODEL over data, for data-aware merges (RegMean, Fisher, MaTS).
-
-    \b
-    gram    input Gram matrix XᵀX/rows of every linear layer (RegMean)
-    fisher  diagonal Fisher of every parameter, one example at a time (Fisher merging)
-    kfac    K-FAC factors of every linear layer: input Gram and output-gradient Gram (MaTS)
-    Written as safetensors (named after the model's weights) with moerge_stats.json: model hash and
-    fingerprint, data hash, examples, estimator. Interrupt at any time: the running sums are saved
-    about once a minute beside --out, and the same command continues from there. Example:
-      moerge stats gram ~/.cache/moerge/zoo/decoder/full/bbc --data bbc --out stats/bbc-gram
-    """
-
-    def body() -> None:
-        import json as _json
-
-        from moerge.stats import StatsSettings, compute_stats
-
-        texts = labels = None
-        task_name = task
-        path = Path(data)
-        if path.is_file():
-            rows = [_json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            texts = [r["text"] for r in rows]
-            labels = [int(r["label"]) for r in rows] if rows and all("label" in r for r in rows) else None
-        else:
-            task_name = data
-        with _Bar(quiet) as bar:
-            meta = compute_stats(model, out, StatsSettings(kind, examples, batch_size, max_length, estimator),
-                                 track=track, task=task_name, texts=texts, labels=labels, force=force,
-                                 progress=lambda k, n: bar("examples" if kind != "gram" else "batches", k, n, 0.0))
-        click.echo(f"{kind}: {meta['tensors']} tensors from {meta['examples']} examples ({meta['rows']} rows) in "
-                   f"{meta['seconds']:.1f} s; wrote {out}")
-
-    _runner(ctx, body)
-
-
-COMMANDS = [zoo, eval_cmd, sweep_cmd, compare_cmd, report_cmd, stats_cmd]
+COMMANDS = [zoo, eval_cmd, sweep_cmd, compare_cmd, report_cmd]

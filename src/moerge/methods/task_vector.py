@@ -13,8 +13,9 @@ import ctypes
 import torch
 
 from moerge import native
-from moerge.methods.blocks import RankSelect, RankWindowMask, TensorMerger
-from moerge.methods.sparsify import bernoulli_keep_range, tensor_seed
+from moerge.methods.masks import bernoulli_keep_range, tensor_seed
+from moerge.methods.protocol import TensorMerger
+from moerge.methods.select import RankSelect, RankWindowMask
 
 TVModel = native.TVModel
 SIGN_ELECTION = ("unweighted", "weighted")
@@ -248,12 +249,12 @@ class TaskVectorMerger(TensorMerger):
     def sample_wanted(self) -> bool:
         return any(sp.sample_wanted() for sp in self.sparsifiers)
 
-    def observe_sample(self, base, models) -> None:  # noqa: ANN001
+    def observe_sample(self, base, models) -> None:
         for sp, m in zip(self.sparsifiers, models):
             if sp.sample_wanted():
                 sp.observe_sample(base, m)
 
-    def observe(self, p: int, start: int, base, models) -> None:  # noqa: ANN001
+    def observe(self, p: int, start: int, base, models) -> None:
         if p < self.sparse_passes:
             for sp, m in zip(self.sparsifiers, models):
                 if p < sp.passes:
@@ -277,7 +278,7 @@ class TaskVectorMerger(TensorMerger):
             self._spec = None
 
     # output ----------------------------------------------------------------------------------
-    def _task_vectors(self, start: int, base, models) -> list[torch.Tensor]:  # noqa: ANN001
+    def _task_vectors(self, start: int, base, models) -> list[torch.Tensor]:
         out = []
         for sp, m in zip(self.sparsifiers, models):
             d = m - base
@@ -301,7 +302,7 @@ class TaskVectorMerger(TensorMerger):
                 vote.add_(torch.sign(d), alpha=self._contribution_sign(i))
         return vote
 
-    def emit(self, start: int, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start: int, base, models) -> torch.Tensor:
         tvs = self._task_vectors(start, base, models)
         if self.consensus is None:
             out = torch.zeros_like(base)
@@ -345,7 +346,7 @@ class TaskVectorMerger(TensorMerger):
             self._spec = spec
         return self._spec
 
-    def _native_combine(self, base, models, start: int, out, flags) -> tuple[int, float]:  # noqa: ANN001
+    def _native_combine(self, base, models, start: int, out, flags) -> tuple[int, float]:
         if self.consensus is None:
             total = sum(self.weight)
             divide = (total if abs(total) >= 1e-8 else 1.0) if self.normalize else 1.0
@@ -359,7 +360,7 @@ class TaskVectorMerger(TensorMerger):
         return native.tv_emit(base, models, spec, start, combine=combine, lam=self.lam,
                               divide=divide, normalize=self.normalize, tie=self.tie, out=out, flags=flags)
 
-    def observe_native(self, p: int, start: int, base, models) -> int:  # noqa: ANN001
+    def observe_native(self, p: int, start: int, base, models) -> int:
         if p < self.sparse_passes:
             return sum(sp.observe_native(p, start, base, m)
                        for sp, m in zip(self.sparsifiers, models) if p < sp.passes)
@@ -367,7 +368,7 @@ class TaskVectorMerger(TensorMerger):
         self.sign_count += signs
         return nf
 
-    def emit_native(self, start: int, base, models, out, flags) -> int:  # noqa: ANN001
+    def emit_native(self, start: int, base, models, out, flags) -> int:
         nf = self._native_combine(base, models, start, out, flags)[0]
         for sp in self.sparsifiers:
             sp.block_done(start)

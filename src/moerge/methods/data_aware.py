@@ -3,7 +3,7 @@
 A data-aware method never opens a statistics folder. For each tensor that has
 statistics, the executor hands its merger factory a :class:`StatsSource`: for
 model ``k`` (in recipe order) the statistic's tensors (``part`` 0, or 1 for the
-second K-FAC factor), whole or as a flat range, in float32 on the compute device,
+second K-FAC factor; see :mod:`moerge.stats.format`), whole or as a flat range, in float32 on the compute device,
 already checked for NaN/Inf. Tensors without statistics (biases, norms,
 embeddings when the statistics cover linear layers only) get ``stats=None`` and
 are averaged.
@@ -18,14 +18,7 @@ from typing import Protocol
 import torch
 
 from moerge.methods.base import Param
-from moerge.methods.blocks import TensorMerger
-
-# what each kind of ``moerge stats`` folder holds, per weight ``W`` (out × in) of a linear layer
-STAT_PARTS = {
-    "fisher": ("",),  # the diagonal Fisher, shaped like the weight (every parameter)
-    "gram": ("",),  # G = XᵀX / rows, in × in
-    "kfac": ("::in", "::out"),  # A = E[x xᵀ] (in × in) and S = E[g gᵀ] (out × out)
-}
+from moerge.methods.protocol import TensorMerger
 
 
 class StatsSource(Protocol):
@@ -88,7 +81,7 @@ class WholeTensorMerger(TensorMerger):
         self.models: list[torch.Tensor] = []
         self.result: torch.Tensor | None = None
 
-    def observe(self, p, start, base, models) -> None:  # noqa: ANN001
+    def observe(self, p, start, base, models) -> None:
         if not self.models:
             numel = math.prod(self.shape)
             self.models = [torch.empty(numel, dtype=models[0].dtype, device=models[0].device) for _ in models]
@@ -110,6 +103,6 @@ class WholeTensorMerger(TensorMerger):
     def solve(self, base: torch.Tensor | None, models: list[torch.Tensor]) -> torch.Tensor:
         """The merged tensor from whole, shaped inputs (float32)."""
 
-    def emit(self, start, base, models) -> torch.Tensor:  # noqa: ANN001
+    def emit(self, start, base, models) -> torch.Tensor:
         assert self.result is not None
         return self.result[start:start + models[0].numel()]

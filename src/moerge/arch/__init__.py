@@ -1,0 +1,1 @@
+"""What tensor names mean, across architectures (no tensor is read here)."""

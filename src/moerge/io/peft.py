@@ -1,0 +1,121 @@
+"""A PEFT LoRA adapter folder as data: its factors, scales, targets and fully stored tensors.
+
+Reads ``adapter_config.json`` and the names and shapes of ``adapter_model.safetensors``;
+no tensor bytes until asked. :mod:`moerge.io.lora_view` turns an adapter and its
+base model into the full model it stands for.
+
+Conventions (PEFT's): ``scale = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
+rsLoRA; ``rank_pattern`` and ``alpha_pattern`` override ``r`` and ``lora_alpha``
+for the first key that matches a module (its name, a dotted suffix, or a regex);
+``fan_in_fan_out`` (GPT-2's Conv1D) and embedding adapters store ΔW transposed.
+DoRA and other PEFT types are refused: their ΔW is not B·A.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moerge.errors import CheckpointError
+from moerge.io.safetensors_format import SafetensorsReader
+from moerge.io.sources import ADAPTER_CONFIG
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    a: str  # tensor names in the adapter file
+    b: str
+    scale: float
+    transpose: bool  # fan_in_fan_out (GPT-2 Conv1D) and embeddings: ΔW = (B·A)ᵀ
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern: the first key that matches the module's name (suffix or regex)."""
+    for key, value in patterns.items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable adapter config ({e})") from e
+    kind = str(cfg.get("peft_type", "LORA")).upper()
+    if kind != "LORA":
+        raise CheckpointError(f"{cfg_path}: PEFT type {kind} is not supported (only LoRA adapters)")
+    if cfg.get("use_dora"):
+        raise CheckpointError(f"{cfg_path}: DoRA adapters are not supported (their magnitude vector rescales "
+                              "whole columns, so ΔW is not B·A)")
+    if not cfg.get("base_model_name_or_path"):
+        raise CheckpointError(f"{cfg_path}: no base_model_name_or_path; cannot expand the adapter")
+    return cfg
+
+
+class PeftAdapter:
+    """One LoRA adapter folder: ``pairs`` (adapted weight name → its factors and scale) and ``full``
+    (base tensor name → the adapter tensor stored in full: ``modules_to_save``, trained biases)."""
+
+    def __init__(self, folder: Path) -> None:
+        cfg = _read_config(folder)
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            bin_file = folder / "adapter_model.bin"
+            hint = "convert it to safetensors" if bin_file.exists() else None
+            raise CheckpointError(f"{folder}: adapter has no {ADAPTER_WEIGHTS}", hint=hint)
+        self.folder = folder
+        self.weights = weights
+        self.base_ref: str = cfg["base_model_name_or_path"]
+        self.reader = SafetensorsReader(weights)
+        self.pairs: dict[str, LoraPair] = {}
+        self.full: dict[str, str] = {}
+        try:
+            self._scan(cfg)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def _scan(self, cfg: dict[str, Any]) -> None:
+        r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+        rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rs = bool(cfg.get("use_rslora"))
+        fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+        names = set(self.reader.entries)
+        for name in sorted(names):
+            if not name.startswith(PREFIX):
+                raise CheckpointError(f"{self.weights}: unexpected tensor {name!r} (PEFT names start with {PREFIX!r})")
+            key = name[len(PREFIX):]
+            m = re.fullmatch(r"(.+)\.lora_(A|embedding_A)(?:\.[^.]+)?(\.weight)?", key)
+            if m:
+                module = m.group(1)
+                b_name = name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+                if b_name not in names:
+                    raise CheckpointError(f"{self.weights}: {name!r} has no matching {b_name!r}")
+                r = int(_pattern_value(rank_pat, module, r0))
+                alpha = float(_pattern_value(alpha_pat, module, alpha0))
+                scale = alpha / (math.sqrt(r) if rs else r)
+                embedding = m.group(2) == "embedding_A"
+                self.pairs[module + ".weight"] = LoraPair(name, b_name, scale, embedding or fan_in_fan_out)
+            elif re.search(r"\.lora_(B|embedding_B)", key):
+                continue
+            elif "lora_magnitude" in key:
+                raise CheckpointError(f"{self.weights}: {name!r} is a DoRA magnitude; DoRA is not supported")
+            else:  # modules_to_save / trained bias: a full replacement tensor
+                self.full[key.replace(".modules_to_save.default", "")] = name
+
+    def factor_shapes(self, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B of an adapted weight."""
+        pair = self.pairs[target]
+        return self.reader.entries[pair.a].shape, self.reader.entries[pair.b].shape
+
+    def close(self) -> None:
+        self.reader.close()
