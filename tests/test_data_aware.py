@@ -215,7 +215,7 @@ LABELS = [2, 0, 1, 2, 0, 1, 2, 0]
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from moerge.evaluation.tasks import get_task
+    from moerge.data.tasks import get_task
     from moerge.stats import StatsSettings, compute_stats
     from moerge.testing import make_word_llama, perturb
 

@@ -8,8 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from moerge.evaluation.scoring import accuracy, hits, label_logprobs
-from moerge.evaluation.tasks import (
+from moerge.data.tasks import (
     SUITES,
     Example,
     TaskError,
@@ -21,6 +20,7 @@ from moerge.evaluation.tasks import (
     suite_splits,
     text_key,
 )
+from moerge.evaluation.scoring import accuracy, hits, label_logprobs
 
 
 def synthetic(n_per_label=(60, 30, 10)) -> list[Example]:

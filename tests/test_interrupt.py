@@ -19,7 +19,7 @@ import signal, sys, time
 # a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt
 # handler; restore it, so the test behaves the same however pytest was launched
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import moerge.execute as ex
+import moerge.engine.execute as ex
 import moerge.io.writer as wr
 real = ex._merge_item
 def slow(*a, **k):

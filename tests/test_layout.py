@@ -93,6 +93,49 @@ def test_nothing_imports_the_cli() -> None:
     assert offenders == []
 
 
+# What each part of the package may import (besides itself): the dependency rule of the README's design
+# section. Data flows one way: readers -> planners -> the engine -> the writer; statistics, the evaluation and
+# model forwards (runtime) sit beside it; the facade and the CLI on top.
+ALLOWED = {
+    "errors": set(), "version": set(), "native": set(), "measure": set(),
+    "io": {"errors"},
+    "arch": {"errors"},
+    "recipe": {"errors"},
+    "methods": {"errors", "native"},
+    "data": {"errors"},
+    "runtime": {"errors", "io"},
+    "stats": {"errors", "io", "data", "runtime"},
+    "engine": {"errors", "io", "arch", "recipe", "methods", "native", "stats"},  # stats: its format only
+    "extract": {"errors", "io", "arch", "methods"},
+    "testing": {"errors", "io", "methods"},
+    "api": {"errors", "version", "io", "recipe", "methods", "engine", "extract"},
+    "moerge": {"api", "recipe", "version"},  # the lazy facade, moerge/__init__.py
+    "demo": {"errors", "moerge", "testing"},
+    "evaluation": {"errors", "io", "data", "runtime", "stats", "measure"},
+    "__main__": {"cli"},
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "moerge"
+
+
+def test_each_part_imports_only_what_the_dependency_rule_allows() -> None:
+    broken = []
+    for module, deps in _graph().items():
+        part = _part(module)
+        if part == "cli":
+            continue  # the CLI may use anything; nothing uses it
+        for d in deps:
+            if _part(d) != part and _part(d) not in ALLOWED[part]:
+                broken.append(f"{module} imports {d}")
+            if part == "engine" and _part(d) == "stats" and d != "moerge.stats.format":
+                broken.append(f"{module} imports {d} (the engine reads the statistics contract only)")
+    assert broken == []
+    assert set(ALLOWED) | {"cli"} == {_part(m) for m in _graph()}  # a new part must be placed in the rule
+
+
 def test_no_function_over_80_lines() -> None:
     long = []
     for path in ROOT.rglob("*.py"):

@@ -142,7 +142,7 @@ def test_merge_native_equals_torch_end_to_end(llama_bf16, tmp_path, method, para
 ])
 def test_mapped_inputs_merge_as_inputs_read_block_by_block(llama_bf16, tmp_path, monkeypatch, method, params):
     # tensors within MAP_LIMIT are mapped whole from the page cache; larger ones are read a block at a time
-    from moerge import execute
+    from moerge.engine import execute
     from moerge.io.checkpoint import Checkpoint
 
     mapped = []
@@ -255,7 +255,7 @@ def test_merge_samples_every_run_of_a_large_tensor(tmp_path, monkeypatch, map_li
     # own place, or the sample is one run repeated and brackets miss (a slow fallback, not wrong).
     from safetensors.torch import save_file
 
-    from moerge import execute
+    from moerge.engine import execute
     from moerge.methods.select import RankSelect
 
     if map_limit is not None:

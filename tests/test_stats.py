@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moerge.evaluation.tasks import get_task
+from moerge.data.tasks import get_task
 from moerge.stats import StatsError, StatsSettings, compute_stats
 from moerge.testing import make_word_llama
 

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from moerge.evaluation.tasks import TaskError, get_suite, make_splits
+from moerge.data.tasks import TaskError, get_suite, make_splits
 
 
 def _data_installed() -> bool:
@@ -49,7 +49,7 @@ def _tiny_bert(path: Path) -> Path:
 
 
 def _tiny_decoder(path: Path) -> Path:
-    from moerge.evaluation.tasks import get_task
+    from moerge.data.tasks import get_task
     from moerge.testing import make_word_llama
 
     words = [w for t in get_suite("tiny").tasks for w in get_task(t).words]

@@ -21,7 +21,7 @@ from moerge.io.writer import ModelWriter, parse_size
 from moerge.recipe import LoadedRecipe, Recipe, load_recipe
 
 if TYPE_CHECKING:
-    from moerge.plan import Plan
+    from moerge.engine.plan import Plan
 from moerge.version import __version__
 
 
@@ -60,7 +60,7 @@ def merge(
     layer's change, see :func:`moerge.extract.extract_lora`); ``notes["lora"]``
     says how much of the change the rank cut discarded.
     """
-    from moerge.plan import make_plan
+    from moerge.engine.plan import make_plan
 
     t0 = time.perf_counter()
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
@@ -96,8 +96,8 @@ def _write_merge(plan: Plan, out: Path, *, size: int, force: bool, device: str |
                  progress: Callable[[str, int, int], None] | None) -> tuple[Path, Any, dict[str, Any]]:
     """Stream the plan into ``out`` with its side files and card; returns the path, the executor's
     statistics and the notes for the user."""
-    from moerge.execute import execute
-    from moerge.plan import check_disk_space
+    from moerge.engine.execute import execute
+    from moerge.engine.plan import check_disk_space
 
     total = len(plan.items)
     done = [0]
@@ -120,8 +120,8 @@ def _write_side_files(plan: Plan, writer: ModelWriter, executor_notes: dict[str,
     """config.json, generation config, tokenizer, the recipe, the solver report and the model card."""
     import json
 
+    from moerge.engine.plan import LAYER_COUNT_KEYS
     from moerge.io.sidefiles import CONFIG_SIDE_FILES, model_card, output_config, tokenizer_files
-    from moerge.plan import LAYER_COUNT_KEYS
 
     cfg_ckpt = plan.checkpoints[plan.config_source]
     out_dtype = plan.recipe.output_dtype or _main_dtype(plan)

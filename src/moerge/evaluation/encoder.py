@@ -9,19 +9,18 @@ measure how useful the (merged) representation is for a task no expert saw.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from moerge.runtime.batching import mean_pool
 
 
 def pooled(model: Any, tok: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
     """Mean-pooled last hidden states (gradients flow; call under no_grad to embed)."""
     enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-    hidden = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
 
 
 @torch.no_grad()
@@ -52,22 +51,4 @@ def fit_probe(features: torch.Tensor, labels: Sequence[int], n_classes: int, *, 
         return loss
 
     opt.step(closure)
-    return head
-
-
-def save_head(head: torch.nn.Linear, path: Path, task: str) -> None:
-    from safetensors.torch import save_file
-
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
-              str(path), metadata={"task": task})
-
-
-def load_head(path: Path) -> torch.nn.Linear:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    head = torch.nn.Linear(t["weight"].shape[1], t["weight"].shape[0])
-    with torch.no_grad():
-        head.weight.copy_(t["weight"])
-        head.bias.copy_(t["bias"])
     return head

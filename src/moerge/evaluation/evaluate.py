@@ -16,7 +16,6 @@ normalised by, and its head never scores another model.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -26,8 +25,9 @@ from typing import Any
 
 import torch
 
-from moerge.evaluation.models import check_track, default_cache, quiet_peft
-from moerge.evaluation.tasks import Splits, TaskError, get_suite, get_task, suite_splits
+from moerge.data.tasks import Splits, TaskError, get_suite, get_task, suite_splits
+from moerge.evaluation.models import check_track, default_cache
+from moerge.runtime.models import files_hash, load_model
 
 SCORING_VERSION = 1
 EXPERT_META = "moerge_expert.json"
@@ -52,48 +52,6 @@ class EvalSettings:
 
 def splits_for(settings: EvalSettings, task: str) -> Splits:
     return suite_splits(settings.suite, task, settings.seed)
-
-
-def files_hash(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "adapter_config.json",
-                                                          "config.json")) -> str:
-    """blake2b of the weight files of a folder (names and bytes), 16 hex digits; each file state is
-    hashed once per process (a model scored on many tasks is not re-read for each)."""
-    files = [f for pattern in patterns for f in sorted(folder.glob(pattern))]
-    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-
-
-@functools.lru_cache(maxsize=256)
-def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for name, _, _ in files:
-        h.update(Path(name).name.encode())
-        with open(name, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def is_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").exists()
-
-
-def load_model(folder: Path, track: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from a full folder or a PEFT adapter folder (merged into its base for scoring)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    cls = AutoModelForCausalLM if track == "decoder" else AutoModel
-    if is_adapter(folder):
-        from peft import PeftModel
-
-        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        with quiet_peft():
-            model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32), str(folder))
-        model = model.merge_and_unload()
-        tok_dir = folder if (folder / "tokenizer_config.json").exists() else Path(base)
-    else:
-        model, tok_dir = cls.from_pretrained(str(folder), dtype=torch.float32), folder
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 class Evaluator:
@@ -181,7 +139,8 @@ class Evaluator:
             scores = label_logprobs(model, tok, [task.render(e.text) for e in ex], task.words,
                                     max_length=self.settings.max_length, batch_size=16)
             return hits(scores, labels)
-        from moerge.evaluation.encoder import embed, fit_probe, load_head
+        from moerge.evaluation.encoder import embed, fit_probe
+        from moerge.runtime.models import load_head
 
         feats = embed(model, tok, [e.text for e in ex], max_length=self.settings.max_length)
         if mode == "head":

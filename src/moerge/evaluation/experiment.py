@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moerge.evaluation.evaluate import EvalSettings, Evaluator, OwnHeadEvaluator, files_hash
+from moerge.data.tasks import TaskError, get_suite
+from moerge.evaluation.evaluate import EvalSettings, Evaluator, OwnHeadEvaluator
 from moerge.evaluation.models import default_cache
-from moerge.evaluation.tasks import TaskError, get_suite
 from moerge.evaluation.zoo import (
     MULTITASK,
     expert_dir,
@@ -43,6 +43,7 @@ from moerge.evaluation.zoo import (
     zoo_fingerprint,
 )
 from moerge.measure import run_measured
+from moerge.runtime.models import files_hash
 from moerge.stats.format import META as STATS_META
 from moerge.stats.format import read_meta, stale_for
 

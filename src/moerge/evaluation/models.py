@@ -10,13 +10,10 @@ Nothing is downloaded; both load with ``HF_HUB_OFFLINE=1``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
-from moerge.evaluation.tasks import TaskError, package_dir
+from moerge.data.tasks import TaskError, package_dir
 from moerge.io.publish import Publication
 
 TRACKS = ("decoder", "encoder")
@@ -25,15 +22,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def default_cache() -> Path:
     return Path(os.environ.get("MOERGE_CACHE", Path.home() / ".cache" / "moerge"))
-
-
-@contextlib.contextmanager
-def quiet_peft() -> Iterator[None]:
-    """Wrapping a model with PEFT reads transformers' deprecated ``is_gradient_checkpointing`` and prints a
-    FutureWarning on every call that users can do nothing about; this hides that one warning only."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def check_track(track: str) -> str:

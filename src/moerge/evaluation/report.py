@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moerge.data.tasks import get_suite
 from moerge.evaluation.experiment import load_records
-from moerge.evaluation.tasks import get_suite
 
 ROLE_ORDER = {"pretrained": 0, "expert": 1, "multitask": 2, "merge": 3, "model": 4}  # "model": `moerge eval` of a folder
 

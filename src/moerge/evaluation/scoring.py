@@ -14,14 +14,7 @@ from typing import Any
 
 import torch
 
-
-def label_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word as it follows a prompt (words start with their space)."""
-    out = [list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
-    for w, ids in zip(words, out):
-        if not ids:
-            raise ValueError(f"label word {w!r} has no tokens")
-    return out
+from moerge.runtime.batching import label_ids, left_padded, pad_id, padded
 
 
 @torch.no_grad()
@@ -37,7 +30,7 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], words: Se
     words_ids = label_ids(tokenizer, words)
     longest = max(len(w) for w in words_ids)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad = pad_id(tokenizer)
     out = torch.empty(len(prompts), len(words), dtype=torch.float64)
     prompt_ids = [list(tokenizer(p)["input_ids"])[-(max_length - longest):] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
@@ -52,29 +45,6 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], words: Se
             seqs = [p + w for p in batch]
             out[idx, j] = _continuation_logprob(model, seqs, [len(w)] * len(seqs), pad, device)
     return out
-
-
-def _batch(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Left-padded ids, attention mask and position ids (positions start at 0 at each sequence's first token)."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, n - len(s):] = 1
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
 
 
 def last_logits(model: Any, seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -94,7 +64,7 @@ def last_logprobs(model: Any, seqs: list[list[int]], pad: int, device: torch.dev
 def _continuation_logprob(model: Any, seqs: list[list[int]], tail: list[int], pad: int,
                           device: torch.device) -> torch.Tensor:
     """Summed log-probability of the last ``tail[i]`` tokens of each sequence."""
-    ids, mask = _batch(seqs, pad, device)
+    ids, mask = padded(seqs, pad, device, left=False)
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     out = torch.zeros(len(seqs), dtype=torch.float64)
     for i, (s, k) in enumerate(zip(seqs, tail)):

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from moerge.evaluation.models import quiet_peft
-from moerge.evaluation.tasks import Example, Task
+from moerge.data.tasks import Example, Task
+from moerge.runtime.batching import label_ids, pad_id
+from moerge.runtime.models import quiet_peft
 
 LORA_TARGETS = {
     "decoder": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -110,7 +111,7 @@ def _lora(model: Any, track: str, cfg: TrainConfig) -> Any:
 def train_decoder(model: Any, tok: Any, tasks: dict[str, Task], data: dict[str, list[Example]], cfg: TrainConfig,
                   progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
     """Fine-tune a causal LM in place (or wrap it in LoRA); returns (model, training log)."""
-    from moerge.evaluation.scoring import label_ids, last_logits
+    from moerge.evaluation.scoring import last_logits
 
     torch.manual_seed(cfg.seed)
     if cfg.kind == "lora":
@@ -118,7 +119,7 @@ def train_decoder(model: Any, tok: Any, tasks: dict[str, Task], data: dict[str, 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     label_token = {name: [ids[0] for ids in label_ids(tok, t.words)] for name, t in tasks.items()}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    pad = pad_id(tok)
     device = next(model.parameters()).device
 
     def loss_of(name: str, batch: list[Example]) -> torch.Tensor:

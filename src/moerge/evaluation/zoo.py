@@ -32,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moerge.data.tasks import TaskError, get_suite, get_task, make_splits
 from moerge.evaluation.evaluate import EXPERT_META, EvalSettings, Evaluator, OwnHeadEvaluator
 from moerge.evaluation.models import check_track, pretrained_path
-from moerge.evaluation.tasks import TaskError, get_suite, get_task, make_splits
 from moerge.evaluation.train import TrainConfig, default_config
 from moerge.io.publish import Publication, is_temporary
 
@@ -157,7 +157,7 @@ def _train_into(tmp: Path, suite_name: str, base: Path, out: Path, track: str, t
                 splits: dict[str, Any], data: dict[str, Any],
                 progress: Callable[[int, int, float], None] | None) -> dict[str, Any]:
     """Train, save and validate one expert into the folder ``tmp`` (published by the caller)."""
-    from moerge.evaluation.evaluate import load_model
+    from moerge.runtime.models import load_model
 
     model, tok = load_model(base, track)
     t0 = time.perf_counter()
@@ -166,8 +166,9 @@ def _train_into(tmp: Path, suite_name: str, base: Path, out: Path, track: str, t
 
         model, log = train_decoder(model, tok, {t: get_task(t) for t in tasks}, data, cfg, progress)
     else:
-        from moerge.evaluation.encoder import embed, fit_probe, save_head
+        from moerge.evaluation.encoder import embed, fit_probe
         from moerge.evaluation.train import train_encoder
+        from moerge.runtime.models import save_head
 
         heads = {}
         for t in tasks:  # LP-FT: start each head from a probe on the pretrained features

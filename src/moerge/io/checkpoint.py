@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from moerge.errors import CheckpointError
 from moerge.io.safetensors_format import SafetensorsReader, TensorEntry
 from moerge.io.sources import (
+    NamedTensors,
     TensorInfo,
     TensorSource,
-    files_fingerprint,
     is_adapter_folder,
     read_runs_one_by_one,
     resolve_reference,
@@ -37,7 +37,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
 
-class Checkpoint:
+class Checkpoint(NamedTensors):
     """A lazily read model: tensor names, shapes and dtypes up front; bytes on demand.
 
     Use :meth:`open`. Reading a tensor touches only that tensor's bytes.
@@ -145,19 +145,6 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return list(self._readers)
 
-    @property
-    def tensor_names(self) -> list[str]:
-        return list(self.infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.ref}: has no tensor {name!r}") from None
-
     def entry(self, name: str) -> TensorEntry | None:
         reader = self._readers[self.info(name).file]
         return reader.entries[name] if isinstance(reader, SafetensorsReader) else None
@@ -204,12 +191,6 @@ class Checkpoint:
         if isinstance(reader, SafetensorsReader):
             return reader.read_runs(name, runs)
         return read_runs_one_by_one(self, name, runs)
-
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
-
-    def fingerprint(self, samples: int = 64) -> str:
-        return files_fingerprint(self.files, samples)
 
     def close(self) -> None:
         for r in self._readers.values():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from moerge.errors import CheckpointError
 from moerge.io.peft import LoraPair, PeftAdapter
-from moerge.io.sources import TensorInfo, TensorSource, files_fingerprint, read_runs_one_by_one
+from moerge.io.sources import NamedTensors, TensorInfo, TensorSource, read_runs_one_by_one
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 DELTA_ROWS = 64
 
 
-class LoraView:
+class LoraView(NamedTensors):
     """A :class:`moerge.io.sources.TensorSource` over an adapter and its (already opened) base."""
 
     def __init__(self, ref: str, adapter: PeftAdapter, base: TensorSource) -> None:
@@ -70,21 +70,8 @@ class LoraView:
         return [self.adapter.weights, *self.base.files]
 
     @property
-    def tensor_names(self) -> list[str]:
-        return list(self.infos)
-
-    @property
     def config(self) -> dict[str, Any] | None:
         return self.base.config
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.ref}: has no tensor {name!r}") from None
 
     def entry(self, name: str) -> TensorEntry | None:
         if name in self.adapter.pairs:
@@ -134,12 +121,6 @@ class LoraView:
 
     def map(self, name: str) -> torch.Tensor:
         raise TypeError(f"{self.ref}: tensor {name!r} is computed from a LoRA adapter, not stored raw")
-
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
-
-    def fingerprint(self, samples: int = 64) -> str:
-        return files_fingerprint(self.files, samples)
 
     def close(self) -> None:
         self.adapter.close()

@@ -65,6 +65,36 @@ class TensorSource(Protocol):
     def close(self) -> None: ...
 
 
+class NamedTensors:
+    """What a source derives from its ``infos`` (name → :class:`TensorInfo`) and its ``files``."""
+
+    ref: str
+    infos: dict[str, TensorInfo]
+
+    @property
+    def files(self) -> list[Path]:
+        raise NotImplementedError
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.ref}: has no tensor {name!r}") from None
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def fingerprint(self, samples: int = 64) -> str:
+        return files_fingerprint(self.files, samples)
+
+
 def read_runs_one_by_one(source: TensorSource, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
     """``source.read_runs`` through ``source.read``, for sources without a raw-file fast path."""
     import torch

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 
 from moerge.errors import MoergeError
+from moerge.runtime.batching import label_ids, left_padded, mean_pool, pad_id
+from moerge.runtime.models import files_hash, load_head, load_model
 from moerge.stats.format import KINDS
 from moerge.stats.format import META as STATS_META
 
@@ -126,9 +128,7 @@ class _Batch:
         self.track = track
         device = next(model.parameters()).device
         if track == "decoder":
-            from moerge.evaluation.scoring import left_padded
-
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+            pad = pad_id(tok)
             seqs = [list(tok(task.render(t) if task else t)["input_ids"])[-(max_length - 1):] for t in texts]
             self.inputs = left_padded(seqs, pad, device)
         else:
@@ -142,8 +142,7 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
                   force: bool = False, progress: Callable[[int, int], None] | None = None,
                   save_interval: float = 60.0) -> dict[str, Any]:
     """Compute ``settings.kind`` statistics of one model over a task's train split (or given texts)."""
-    from moerge.evaluation.evaluate import files_hash, load_model
-    from moerge.evaluation.tasks import Example, content_hash, get_task, make_splits
+    from moerge.data.tasks import Example, content_hash, get_task, make_splits
     from moerge.io.checkpoint import open_source
     from moerge.io.writer import ModelWriter
 
@@ -161,7 +160,7 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
     if texts is None:
         if t is None:
             raise StatsError("statistics need data: a task name or texts")
-        from moerge.evaluation.tasks import get_suite
+        from moerge.data.tasks import get_suite
 
         train = make_splits(t, get_suite("text").sizes).train[: settings.examples]  # the zoo's training split
         texts, labels = [e.text for e in train], [e.label for e in train]
@@ -176,15 +175,11 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
     model, tok = load_model(model_dir, track)
     head = None
     if track == "encoder" and settings.kind != "gram":
-        from moerge.evaluation.encoder import load_head
-
         if not (model_dir / "head.safetensors").exists():
             raise StatsError(f"{model_dir}: no head.safetensors; encoder Fisher statistics need the task's head")
         head = load_head(model_dir / "head.safetensors")
     label_tokens = None
     if track == "decoder" and t is not None:
-        from moerge.evaluation.scoring import label_ids
-
         label_tokens = [ids[0] for ids in label_ids(tok, t.words)]
     t0 = time.perf_counter()
     steps = _Steps(out, {"kind": settings.kind, "settings": settings.__dict__, "model": fingerprint,
@@ -276,9 +271,7 @@ def _log_probs(model: Any, b: _Batch, head: Any, label_tokens: list[int] | None)
     if b.track == "decoder":
         logits = model(**b.inputs, logits_to_keep=1).logits[0, -1].float()
         return torch.log_softmax(logits, -1)[label_tokens]
-    hidden = model(**b.inputs).last_hidden_state
-    m = b.inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    pooled = mean_pool(model(**b.inputs).last_hidden_state, b.inputs["attention_mask"])
     return torch.log_softmax(head(pooled)[0].float(), -1)
 
 

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from moerge import native
+from moerge.engine.plan import InputRef, Plan, WorkItem
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.writer import ModelWriter
 from moerge.methods.finite import first_nonfinite
 from moerge.methods.protocol import BLOCK, TensorMerger, block_ranges, sample_of, sample_positions
-from moerge.plan import InputRef, Plan, WorkItem
 
 COMPUTE_DTYPE = torch.float32
 MAP_LIMIT = 128 << 20  # bytes of one work item's inputs, mapped whole (see _Reader.maps)
