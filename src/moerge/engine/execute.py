@@ -311,9 +311,9 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
     for s, e in ranges:
         exact = merger.emit(s, *reader.blocks(inp, s, e, first))
         blk = exact.to(out.dtype)
-        if not reader.allow_nonfinite and not bool(torch.isfinite(blk).all()):
+        if not reader.allow_nonfinite and first_nonfinite(blk) is not None:
             # finite in float32, not in the output dtype: an overflow
-            raise _output_error(plan.method.name, item, overflow=bool(torch.isfinite(exact).all()))
+            raise _output_error(plan.method.name, item, overflow=first_nonfinite(exact) is None)
         out[s:e] = blk.cpu()
     return out.view(item.shape), notes
 
@@ -336,8 +336,8 @@ def _merge_native(plan: Plan, reader: _Reader, merger: TensorMerger, inp: _Input
         reader.checked(merger.emit_native(s, *reader.raw_blocks(inp, s, e), target, flags), inp, s, e)
         if not direct:
             out[s:e] = target.to(out.dtype)
-            if not reader.allow_nonfinite and not bool(torch.isfinite(out[s:e]).all()):
-                raise _output_error(plan.method.name, inp.item, overflow=bool(torch.isfinite(target).all()))
+            if not reader.allow_nonfinite and first_nonfinite(out[s:e]) is not None:
+                raise _output_error(plan.method.name, inp.item, overflow=first_nonfinite(target) is None)
         elif flags[1] and not reader.allow_nonfinite:
             raise _output_error(plan.method.name, inp.item, overflow=flags[0] == 0)
 
