@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from moerge.errors import MoergeError
 from moerge.io.writer import ModelWriter, parse_size
 from moerge.recipe import LoadedRecipe, Recipe, load_recipe
+from moerge.version import __version__
 
 if TYPE_CHECKING:
     from moerge.engine.plan import Plan
-from moerge.version import __version__
 
 
 @dataclass
@@ -224,11 +224,9 @@ def inspect(model: str | os.PathLike[str], *, allow_pickle: bool = False) -> Mod
     """List a checkpoint's tensors (name, dtype, shape, shard) without reading any tensor data."""
     from moerge.io.checkpoint import open_source
 
-    ck = open_source(model, allow_pickle=allow_pickle)
-    rows = [TensorRow(i.name, i.dtype, i.shape, i.file.name) for i in ck.infos.values()]
-    info = ModelInfo(str(model), rows, [f.name for f in ck.files], ck.nbytes(), ck.config)
-    ck.close()
-    return info
+    with open_source(model, allow_pickle=allow_pickle) as ck:
+        rows = [TensorRow(i.name, i.dtype, i.shape, i.file.name) for i in ck.infos.values()]
+        return ModelInfo(str(model), rows, [f.name for f in ck.files], ck.nbytes(), ck.config)
 
 
 # -- diff ------------------------------------------------------------------------------------
@@ -257,28 +255,25 @@ def diff(base: str | os.PathLike[str], other: str | os.PathLike[str], *, allow_p
     from moerge.errors import PlanError
     from moerge.io.checkpoint import open_source
 
-    a = open_source(base, allow_pickle=allow_pickle)
-    b = open_source(other, allow_pickle=allow_pickle)
-    shared = [n for n in a.tensor_names if n in b]
-    only_a = [n for n in a.tensor_names if n not in b]
-    only_b = [n for n in b.tensor_names if n not in a]
-    out: list[TensorDiff] = []
-    for k, name in enumerate(shared):
-        sa, sb = a.info(name).shape, b.info(name).shape
-        if sa != sb:
-            raise PlanError(f"shape mismatch in {name!r}: {list(sa)} in {base} but {list(sb)} in {other}")
-        x = a.read(name).double()
-        y = b.read(name).double()
-        d = y - x
-        nx, ny = float(x.norm()), float(y.norm())
-        cos = float((x * y).sum()) / (nx * ny) if nx > 0 and ny > 0 else float("nan")
-        out.append(TensorDiff(name, sa, float(d.norm()), nx, cos,
-                              float((d == 0).sum()) / max(d.numel(), 1),
-                              float(d.abs().max()) if d.numel() else 0.0))
-        if progress:
-            progress(name, k + 1, len(shared))
-    a.close()
-    b.close()
+    with open_source(base, allow_pickle=allow_pickle) as a, open_source(other, allow_pickle=allow_pickle) as b:
+        shared = [n for n in a.tensor_names if n in b]
+        only_a = [n for n in a.tensor_names if n not in b]
+        only_b = [n for n in b.tensor_names if n not in a]
+        out: list[TensorDiff] = []
+        for k, name in enumerate(shared):
+            sa, sb = a.info(name).shape, b.info(name).shape
+            if sa != sb:
+                raise PlanError(f"shape mismatch in {name!r}: {list(sa)} in {base} but {list(sb)} in {other}")
+            x = a.read(name).double()
+            y = b.read(name).double()
+            d = y - x
+            nx, ny = float(x.norm()), float(y.norm())
+            cos = float((x * y).sum()) / (nx * ny) if nx > 0 and ny > 0 else float("nan")
+            out.append(TensorDiff(name, sa, float(d.norm()), nx, cos,
+                                  float((d == 0).sum()) / max(d.numel(), 1),
+                                  float(d.abs().max()) if d.numel() else 0.0))
+            if progress:
+                progress(name, k + 1, len(shared))
     return out, only_a, only_b
 
 

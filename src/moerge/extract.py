@@ -55,12 +55,8 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
     out = Path(out)
     if out.exists() and not force:
         raise MoergeError(f"{out} already exists", hint="pass --force to replace it")
-    m, b = open_source(model), open_source(base)
-    try:
+    with open_source(model) as m, open_source(base) as b:
         report, tensors, targets = _factorise_all(m, b, model, base, rank, include_embeddings, progress)
-    finally:
-        m.close()
-        b.close()
     config = {
         "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,

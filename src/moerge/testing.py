@@ -79,11 +79,10 @@ def perturb(src: str | Path, dst: str | Path, *, scale: float = 0.05, seed: int 
     from moerge.methods.masks import bernoulli_keep, tensor_seed
 
     src, dst = Path(src), Path(dst)
-    ck = open_source(src)
-    tensors = [(n, i.dtype, i.shape) for n, i in ck.infos.items()]
-    with ModelWriter(dst, tensors, shard_size=parse_size(shard_size), force=True) as w:
+    with open_source(src) as ck, ModelWriter(dst, [(n, i.dtype, i.shape) for n, i in ck.infos.items()],
+                                             shard_size=parse_size(shard_size), force=True) as w:
         gen = torch.Generator()
-        for name, _dtype, _shape in tensors:
+        for name in ck.tensor_names:
             t = ck.read(name)
             if t.is_floating_point() and t.numel():
                 x = t.float()
@@ -98,7 +97,6 @@ def perturb(src: str | Path, dst: str | Path, *, scale: float = 0.05, seed: int 
             if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
                 w.copy_file(f)
         w.commit()
-    ck.close()
     return dst
 
 

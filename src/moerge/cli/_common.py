@@ -67,7 +67,7 @@ def run(ctx: click.Context, fn: Callable[[], Any]) -> Any:
     except MemoryError:
         if debug:
             raise
-        _fail("out of memory", "use a smaller --prefetch, or a machine with more RAM", 3)
+        _fail("out of memory", "close other programs, or use a machine with more RAM", 3)
     except Exception as e:
         if debug:
             raise
@@ -117,9 +117,10 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.stop()
 
-    def update(self, label: str, done: int, total: int, info: str = "") -> None:
+    def update(self, label: str, done: int, total: int | None, info: str = "") -> None:
+        """Row ``label`` has ``done`` of ``total`` steps (None: not known yet) done."""
         if self.bar is None:
-            if done == total and self.on_done is not None:
+            if total is not None and done == total and self.on_done is not None:
                 self.on_done(label, total, info)
             return
         if label not in self.rows:

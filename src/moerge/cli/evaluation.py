@@ -23,7 +23,8 @@ def _zoo_dir(zoo: str | None) -> Path:
 
 def training_bar(quiet: bool) -> ProgressBar:
     """A bar per expert being trained; without a terminal, one line per expert when it is done."""
-    return ProgressBar(quiet, on_done=lambda label, total, info: click.echo(f"{label}: {total} steps, {info}", err=True))
+    return ProgressBar(quiet, on_done=lambda label, total, info: click.echo(
+        f"{label}: {total} steps" + (f", {info}" if info else ""), err=True))
 
 
 @click.group()

@@ -37,6 +37,7 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
         from moerge.api import merge as do_merge
 
         with ProgressBar(quiet or dry_run, transient=True) as bar:
+            bar.update("merging", 0, None)  # shown while the inputs are opened and checked
             res = do_merge(recipe, out_dir, force=force, shard_size=shard_size, device=device,
                            allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
                            progress=lambda name, done, total: bar.update("merging", done, total, name[-48:]),

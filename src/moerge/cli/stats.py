@@ -8,10 +8,11 @@ import click
 
 from moerge.cli._common import run_offline
 from moerge.cli.evaluation import training_bar
+from moerge.stats.format import KINDS
 
 
 @click.command("stats")
-@click.argument("kind", type=click.Choice(["gram", "fisher", "kfac"]))
+@click.argument("kind", type=click.Choice(KINDS))
 @click.argument("model")
 @click.option("--data", required=True, help="A task name (its train split is used), or a JSONL file of "
               '{"text": ..., "label": ...} rows (then --task gives the prompt and labels).')
@@ -27,7 +28,7 @@ from moerge.cli.evaluation import training_bar
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def stats(ctx: click.Context, kind: str, model: str, data: str, task: str | None, out: str, track: str,
-              examples: int, batch_size: int, max_length: int, estimator: str, force: bool, quiet: bool) -> None:
+          examples: int, batch_size: int, max_length: int, estimator: str, force: bool, quiet: bool) -> None:
     """Compute KIND statistics of MODEL over data, for data-aware merges (RegMean, Fisher, MaTS).
 
     \b

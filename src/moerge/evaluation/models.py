@@ -66,4 +66,5 @@ def _convert_smollm2(out: Path) -> None:
     with Publication(out, force=True) as pub:
         plain.save_pretrained(pub.tmp)
         tok.save_pretrained(pub.tmp)
-        pub.commit()
+        if not out.exists():  # a conversion running beside this one finished first: keep its output
+            pub.commit()

@@ -121,12 +121,13 @@ class Publication:
                 _fsync_path(Path(folder) / f)
             _fsync_path(Path(folder))
 
-    def commit(self) -> Path:
-        """fsync everything, then rename the folder into place. Returns the output path."""
+    def commit(self, written_bytes: int | None = None) -> Path:
+        """fsync everything, then rename the folder into place. Returns the output path.
+        ``written_bytes`` (what the caller wrote) goes into the message if the disk fills up here."""
         try:
             self._sync_tree()
         except OSError as e:
-            raise output_error(e, self.out_dir) from e
+            raise output_error(e, self.out_dir, written_bytes) from e
         trash = None
         if self.out_dir.exists():
             if not self.force:

@@ -63,6 +63,8 @@ class TensorSource(Protocol):
     def nbytes(self) -> int: ...
     def fingerprint(self, samples: int = 64) -> str: ...
     def close(self) -> None: ...
+    def __enter__(self) -> TensorSource: ...
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class NamedTensors:
@@ -93,6 +95,15 @@ class NamedTensors:
 
     def fingerprint(self, samples: int = 64) -> str:
         return files_fingerprint(self.files, samples)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> NamedTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_runs_one_by_one(source: TensorSource, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:

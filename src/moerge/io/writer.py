@@ -181,7 +181,7 @@ class ModelWriter:
             index = {"metadata": {"total_size": total},
                      "weight_map": {t[0]: s.filename for s in self.shards for t in s.tensors}}
             self.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        return self.publication.commit()
+        return self.publication.commit(self.bytes_written)
 
     def abort(self) -> None:
         """Remove everything written so far (the output path is untouched)."""

@@ -119,7 +119,7 @@ def t24(density: float) -> int:
 
 
 def bernoulli(start: int, count: int, seed: int, density: float) -> torch.Tensor:
-    """Keep-mask of elements [start, start+count) (the C twin of ``sparsify.bernoulli_keep_range``)."""
+    """Keep-mask of elements [start, start+count) (the C twin of ``masks.bernoulli_keep_range``)."""
     out = torch.empty(count, dtype=torch.uint8)
     _lib_or_raise().mk_bernoulli(start, count, seed, t24(density), ctypes.cast(out.data_ptr(), POINTER(c_uint8)))
     return out.bool()

@@ -4,7 +4,7 @@
  * float32), works through it in cache-sized chunks (convert to float32,
  * subtract the base, mask, combine, round to the output dtype), and touches each
  * input byte once per pass. The arithmetic is float32, in the same order as the
- * torch path of moerge/methods/consensus.py; floating-point contraction is off
+ * torch path of moerge/methods/task_vector.py; floating-point contraction is off
  * (-ffp-contract=off), so the result never depends on vectorisation, chunk or
  * block size. Every kernel counts the non-finite input values it loaded; emit
  * kernels also count non-finite results before and after rounding.

@@ -36,7 +36,7 @@ import torch
 from moerge.errors import MoergeError
 from moerge.runtime.batching import label_ids, left_padded, mean_pool, pad_id
 from moerge.runtime.models import files_hash, load_head, load_model
-from moerge.stats.format import KINDS
+from moerge.stats.format import KINDS, PARTS, part_names
 from moerge.stats.format import META as STATS_META
 
 
@@ -170,8 +170,8 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
         raise StatsError(f"{settings.kind} needs labelled examples of a task (a loss to differentiate)")
     data_hash = content_hash([Example(x, y) for x, y in zip(texts, labels or [0] * len(texts))])
 
-    ckpt = open_source(model_dir)
-    names, fingerprint = set(ckpt.tensor_names), ckpt.fingerprint()
+    with open_source(model_dir) as ckpt:
+        names, fingerprint = set(ckpt.tensor_names), ckpt.fingerprint()
     model, tok = load_model(model_dir, track)
     head = None
     if track == "encoder" and settings.kind != "gram":
@@ -316,8 +316,9 @@ def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], lab
     mods = _linear_modules(model, names)
     acc: dict[str, torch.Tensor] = {}
     for n, m in mods.items():
-        acc[f"{n}.weight::in"] = torch.zeros(m.in_features, m.in_features)
-        acc[f"{n}.weight::out"] = torch.zeros(m.out_features, m.out_features)
+        a_name, s_name = part_names(f"{n}.weight", "kfac")
+        acc[a_name] = torch.zeros(m.in_features, m.in_features)
+        acc[s_name] = torch.zeros(m.out_features, m.out_features)
     saved: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {}
     for p in model.parameters():
@@ -346,14 +347,14 @@ def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], lab
                 logp = _log_probs(model, b, head, label_tokens)
                 pairs = _label_weights(logp, label, s.estimator)
                 for name, x in saved.items():
-                    acc[f"{name}::in"].addmm_(x.T, x)
+                    acc[part_names(name, "kfac")[0]].addmm_(x.T, x)
                 count["tokens"] += int(b.mask.sum())
                 for j, (y, w) in enumerate(pairs):
                     state["grads"] = {}
                     logp[y].backward(retain_graph=j < len(pairs) - 1)
                     for name, g in state["grads"].items():
                         g = _rows(g, state["mask"])
-                        acc[f"{name}::out"].addmm_(g.T, g, alpha=w)
+                        acc[part_names(name, "kfac")[1]].addmm_(g.T, g, alpha=w)
                 emb.weight.requires_grad_(False)
                 emb.weight.grad = None
             steps.done(i + 1, len(texts), acc, count)
@@ -362,6 +363,6 @@ def _kfac(model: Any, tok: Any, track: str, task: Any, texts: Sequence[str], lab
             h.remove()
     tokens = count["tokens"]
     for k in acc:
-        acc[k] /= max(1, tokens) if k.endswith("::in") else max(1, len(texts))
+        acc[k] /= max(1, tokens) if k.endswith(PARTS["kfac"][0]) else max(1, len(texts))
     return acc, tokens
 
