@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from moerge import native
-from moerge.engine.plan import InputRef, Plan, WorkItem
+from moerge.engine.items import InputRef, WorkItem
+from moerge.engine.plan import Plan
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.writer import ModelWriter
 from moerge.methods.finite import first_nonfinite

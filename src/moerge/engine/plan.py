@@ -15,54 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moerge.arch.names import is_pre_layer, is_vocab_name, layer_index, with_layer_index
-from moerge.errors import MoergeError, PlanError, UnknownMethodError, did_you_mean
+from moerge.arch.names import is_pre_layer, layer_index, with_layer_index
+from moerge.engine.inputs import FLOAT_DTYPES, InputChecks, StatsInputs
+from moerge.engine.items import InputRef, WorkItem
+from moerge.engine.parameters import RecipeParameters, recipe_method
+from moerge.errors import PlanError
 from moerge.io.checkpoint import open_source
-from moerge.io.safetensors_format import tensor_nbytes
 from moerge.io.sources import TensorSource
-from moerge.methods import MergeMethod, get_method
-from moerge.methods.base import REQUIRED
+from moerge.methods import MergeMethod
 from moerge.methods.masks import tensor_seed
 from moerge.recipe.loader import LoadedRecipe
-from moerge.recipe.params import NOT_SET, check_shape, evaluate
 from moerge.recipe.schema import Recipe
-from moerge.stats.format import KINDS as STAT_KINDS
-from moerge.stats.format import part_names, part_shapes, read_meta
 
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-# mergekit-only parameters that change nothing in moerge's arithmetic
-IGNORED_PARAMS = {"int8_mask"}
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-@dataclass(frozen=True)
-class InputRef:
-    """One input tensor: which checkpoint (index into ``Plan.checkpoints``) and which name."""
-
-    model: int
-    tensor: str
-
-
-@dataclass
-class WorkItem:
-    """How to produce one output tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # output dtype
-    base: InputRef | None
-    inputs: list[InputRef]
-    model_params: list[dict[str, Any]]
-    params: dict[str, Any]
-    seed: int
-    copy_from: InputRef | None = None  # non-float tensors are copied, not merged
-    row_fix: bool = False  # inputs may need crop/pad of rows to ``shape[0]`` (vocab policy)
-    pad_from: InputRef | None = None  # rows missing from an input come from here (default: base or first input)
-    stats: list[tuple[InputRef, ...]] | None = None  # data-aware methods: each input's statistics (None: none)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass
@@ -134,7 +99,7 @@ class _Planner:
     def __init__(self, loaded: LoadedRecipe, *, allow_pickle: bool = False) -> None:
         self.loaded = loaded
         self.recipe = loaded.recipe
-        self.method = self._method_with_line()
+        self.method = recipe_method(loaded)
         self.refs = self.recipe.model_refs()
         self.checkpoints: list[TensorSource] = []
         try:
@@ -146,82 +111,16 @@ class _Planner:
             raise
         self.index = {r: i for i, r in enumerate(self.refs)}
         self.warnings: list[str] = []
-        self.n_models = len(self.checkpoints)
-        self.stats_kind: str | None = None
-        self.stats_index: dict[int, int] = {}  # expert checkpoint -> its statistics checkpoint
-        self.stats_meta: dict[int, dict[str, Any]] = {}  # statistics checkpoint -> its moerge_stats.json
-
-    def _method_with_line(self) -> MergeMethod:
-        try:
-            return get_method(self.recipe.method)
-        except UnknownMethodError as e:
-            key = "merge_method" if self.loaded.format == "mergekit" else "method"
-            raise UnknownMethodError(f"{self.loaded.where(key)}: {e.message}", hint=e.hint) from None
-
-    # -- parameters -------------------------------------------------------------------------
-    def check_param_keys(self, params: dict[str, Any], path: tuple[Any, ...], per_model: bool) -> None:
-        names = {p.name for p in self.method.params}
-        for key, value in params.items():
-            where = self.loaded.where(*path, key)
-            if key in IGNORED_PARAMS:
-                continue
-            p = self.method.param(key)
-            if p is None:
-                known = ", ".join(sorted(names)) or "none"
-                raise PlanError(
-                    f"{where}: {self.method.name} has no parameter {key!r}{did_you_mean(key, names)}",
-                    hint=f"its parameters are: {known} (see `moerge methods {self.method.name}`)",
-                )
-            if self.loaded.format == "mergekit" and not p.in_mergekit:
-                self.warnings.append(
-                    f"{where}: mergekit ignores {key!r} for {self.method.name}; moerge applies it, so "
-                    "the result will differ from mergekit's"
-                )
-            if per_model and not p.per_model:
-                raise PlanError(
-                    f"{where}: {key!r} is a global parameter of {self.method.name}; set it under "
-                    "the top-level 'parameters:'"
-                )
-            err = check_shape(value)
-            if err is None and isinstance(value, list) and p.constant:
-                err = f"{key!r} applies to the whole merge (give one value, no list or filter)"
-            elif err is None and isinstance(value, list) and not p.gradient and not all(
-                isinstance(v, dict) for v in value
-            ):
-                err = f"{key!r} cannot vary across layers (give one value)"
-            if err:
-                raise PlanError(f"{where}: {key}: {err}")
-
-    def resolve(self, levels: list[tuple[dict[str, Any], tuple[Any, ...]]], tensor: str, t: float,
-                per_model: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for p in self.method.params:
-            if p.per_model != per_model:
-                continue
-            value, where = NOT_SET, "default"
-            for params, path in levels:
-                if p.name in params:
-                    v = evaluate(params[p.name], tensor, t)
-                    if v is not NOT_SET:
-                        value, where = v, self.loaded.where(*path, p.name)
-                        break
-            if value is NOT_SET:
-                value = p.default_for(self.recipe.conventions)
-                if value is REQUIRED:
-                    raise PlanError(f"{self.loaded.source}: {self.method.name} needs parameter {p.name!r} (for {tensor})")
-            if p.kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            err = p.check(value)
-            if err:
-                raise PlanError(f"{where}: {p.name} {err} (for tensor {tensor})")
-            out[p.name] = value
-        return out
+        self.n_models = len(self.checkpoints)  # the statistics folders opened later come after the models
+        self.params = RecipeParameters(loaded, self.method, self.warnings)
+        self.inputs = InputChecks(loaded, self.method, self.checkpoints, self.warnings)
+        self.stats = StatsInputs(loaded, self.method, self.checkpoints, self.index, self.warnings)
 
     # -- building -----------------------------------------------------------------------------
     def plan(self) -> Plan:
         r = self.recipe
         m = self.method
-        self.check_param_keys(r.parameters, ("parameters",), per_model=False)
+        self.params.check_keys(r.parameters, ("parameters",), per_model=False)
         if m.stats and r.slices is not None:
             raise PlanError(f"{self.loaded.source}: {m.name} reads per-model statistics, which do not combine "
                             "with slices; list the models under 'models'")
@@ -237,7 +136,7 @@ class _Planner:
             config_source=self._source_index(r.config_source, layout.reference, "config_source"),
             tokenizer_source=self._source_index(r.tokenizer_from, layout.reference, "tokenizer_source"),
             num_layers_out=layout.num_layers, base_index=layout.base_index,
-            warnings=self.warnings, n_models=self.n_models, stats_kind=self.stats_kind, stats_meta=self.stats_meta,
+            warnings=self.warnings, n_models=self.n_models, stats_kind=self.stats.kind, stats_meta=self.stats.meta,
         )
 
     def _warn_ignored_keys(self) -> None:
@@ -313,12 +212,12 @@ class _Planner:
             if r.base_model and all(e.model != r.base_model for e in r.models or []):
                 self.warnings.append(f"{m.name} does not use a base model; {r.base_model} is ignored "
                                      "(list it under models to include it)")
-        self._check_count(len(entries))
+        self.inputs.count(len(entries))
         for i, e in entries:
-            self.check_param_keys(e.parameters, ("models", i, "parameters"), per_model=True)
+            self.params.check_keys(e.parameters, ("models", i, "parameters"), per_model=True)
         experts = [self.index[e.model] for _, e in entries]
         if m.stats:
-            self._open_stats(entries)
+            self.stats.open(entries)
         elif any(e.stats for _, e in entries):
             k = next(i for i, e in entries if e.stats)
             self.warnings.append(f"{self.loaded.where('models', k, 'stats')}: {m.name} does not use statistics; "
@@ -332,10 +231,10 @@ class _Planner:
             info = ref_ckpt.info(name)
             layer = layer_index(name)
             t = self._position(name, layer, n_layers)
-            row_fix = self._check_inputs(name, reference, experts, info.shape)
-            gparams = self.resolve([(r.parameters, ("parameters",))], name, t, per_model=False)
+            row_fix = self.inputs.check(name, reference, experts, info.shape)
+            gparams = self.params.resolve([(r.parameters, ("parameters",))], name, t, per_model=False)
             mparams = [
-                self.resolve([(e.parameters, ("models", i, "parameters")), (r.parameters, ("parameters",))],
+                self.params.resolve([(e.parameters, ("models", i, "parameters")), (r.parameters, ("parameters",))],
                              name, t, per_model=True)
                 for i, e in entries
             ]
@@ -351,143 +250,9 @@ class _Planner:
                 row_fix=row_fix,
             )
             if m.stats and item.copy_from is None:
-                item.stats = self._stats_refs(name, info.shape, experts)
+                item.stats = self.stats.refs(name, info.shape, experts)
             items.append(item)
         return _Layout(items, reference, n_layers, base_idx if uses_base else None)
-
-    # -- statistics (data-aware methods) -----------------------------------------------------
-    def _open_stats(self, entries: list[tuple[int, Any]]) -> None:
-        """Open each expert's statistics folder and check it belongs to that expert."""
-        from moerge.io.sources import resolve_reference
-
-        m = self.method
-        kinds = " or ".join(m.stats)
-        for i, e in entries:
-            where = self.loaded.where("models", i)
-            if not e.stats:
-                raise PlanError(
-                    f"{where}: {m.name} needs statistics for every model; {e.model} has no 'stats'",
-                    hint=f"compute them with `moerge stats {m.stats[0]} {e.model} --data TASK --out DIR` and "
-                    "add 'stats: DIR' to this model's entry")
-            try:
-                folder = resolve_reference(e.stats)
-            except MoergeError as err:
-                raise PlanError(f"{self.loaded.where('models', i, 'stats')}: {err.message}") from None
-            meta = read_meta(folder, hint=f"compute statistics with `moerge stats {m.stats[0]} MODEL --data TASK "
-                             "--out DIR`")
-            kind = meta.get("kind")
-            if kind not in m.stats or kind not in STAT_KINDS:
-                raise PlanError(f"{folder}: holds {kind!r} statistics; {m.name} reads {kinds} statistics")
-            if self.stats_kind is not None and kind != self.stats_kind:
-                raise PlanError(f"{folder}: holds {kind} statistics but other models bring {self.stats_kind}; "
-                                "give every model the same kind")
-            self.stats_kind = kind
-            expert = self.index[e.model]
-            want = meta.get("model_fingerprint")
-            if want is None:
-                self.warnings.append(f"{folder}: no model fingerprint recorded; cannot check that these "
-                                     f"statistics belong to {e.model}")
-            else:
-                have = self.checkpoints[expert].fingerprint()
-                if have != want:
-                    raise PlanError(
-                        f"{folder}: these statistics were computed from {meta.get('model')} (fingerprint "
-                        f"{want}), not from {e.model} (fingerprint {have})",
-                        hint=f"recompute them: moerge stats {kind} {e.model} --data TASK --out {folder} --force")
-            self.stats_index[expert] = len(self.checkpoints)
-            self.stats_meta[len(self.checkpoints)] = meta
-            self.checkpoints.append(open_source(folder))
-
-    def _stats_refs(self, name: str, shape: tuple[int, ...], experts: list[int]) -> list[tuple[InputRef, ...]] | None:
-        """The statistics tensors of one weight, per expert; None if no expert has them."""
-        kind = self.stats_kind
-        assert kind is not None
-        names = part_names(name, kind)
-        found = [all(n in self.checkpoints[self.stats_index[x]] for n in names) for x in experts]
-        if not any(found):
-            return None
-        if not all(found):
-            have = self.checkpoints[self.stats_index[experts[found.index(True)]]]
-            lack = self.checkpoints[self.stats_index[experts[found.index(False)]]]
-            raise PlanError(f"statistics for {name!r} are missing from {lack.root} (they are in {have.root})",
-                            hint="compute every model's statistics the same way (same kind, same model layout)")
-        expected = part_shapes(kind, shape)
-        if expected is None:
-            raise PlanError(f"{self.checkpoints[self.stats_index[experts[0]]].root}: has {kind} statistics for "
-                            f"{name!r}, which is not a 2-D weight ({list(shape)})")
-        refs = []
-        for x in experts:
-            ck = self.checkpoints[self.stats_index[x]]
-            for n, want in zip(names, expected):
-                got = ck.info(n).shape
-                if tuple(got) != tuple(want):
-                    raise PlanError(f"{ck.root}: statistic {n!r} is {list(got)}, expected {list(want)} for the "
-                                    f"weight {name!r} of shape {list(shape)} ({ck.info(n).file})",
-                                    hint="statistics must come from a model of the same architecture")
-            refs.append(tuple(InputRef(self.stats_index[x], n) for n in names))
-        return refs
-
-    def _check_count(self, n: int) -> None:
-        m = self.method
-        if n < m.min_models:
-            raise PlanError(f"{self.loaded.source}: {m.name} needs at least {m.min_models} model(s) "
-                            f"besides the base model, got {n}")
-        if m.max_models is not None and n > m.max_models:
-            extra = " besides the base model" if m.needs_base else ""
-            raise PlanError(f"{self.loaded.source}: {m.name} takes at most {m.max_models} model(s){extra}, got {n}")
-
-    def _check_inputs(self, name: str, reference: int, others: list[int], shape: tuple[int, ...],
-                      names: list[str] | None = None) -> bool:
-        """Check presence and shape of ``name`` in every input; return whether rows need fixing."""
-        ref = self.checkpoints[reference]
-        row_fix = False
-        for k, idx in enumerate(others):
-            ck = self.checkpoints[idx]
-            tname = names[k] if names else name
-            if tname not in ck:
-                raise PlanError(
-                    f"tensor {tname!r} is missing from {ck.ref} (files: {', '.join(str(f) for f in ck.files)}); "
-                    f"it is in {ref.ref}",
-                    hint="all models must share the base model's architecture",
-                )
-            other = ck.info(tname).shape
-            ref_float = ref.info(name).dtype in FLOAT_DTYPES
-            if ref_float != (ck.info(tname).dtype in FLOAT_DTYPES):
-                raise PlanError(
-                    f"dtype mismatch in {tname!r}: {ref.info(name).dtype} in {ref.ref} "
-                    f"({ref.info(name).file}) but {ck.info(tname).dtype} in {ck.ref} ({ck.info(tname).file})",
-                    hint="floating-point tensors can only be merged with floating-point tensors",
-                )
-            if other == shape:
-                continue
-            same_tail = len(other) == len(shape) and other[1:] == shape[1:]
-            if same_tail and self._is_vocab_tensor(tname, ck, other[0], ref, shape[0]):
-                if self.recipe.vocab_policy == "base":
-                    row_fix = True
-                    self.warnings.append(f"{tname}: {ck.ref} has {other[0]} rows, the output keeps "
-                                         f"{shape[0]} (vocab_policy: base)")
-                    continue
-                raise PlanError(
-                    f"vocabulary size mismatch in {tname!r}: {ref.ref} ({ref.info(name).file}) has "
-                    f"{shape[0]} rows, {ck.ref} ({ck.info(tname).file}) has {other[0]}",
-                    hint="the models use different tokenizers or padded vocabularies; set "
-                    "'vocab_policy: base' to keep the base model's vocabulary (extra rows are cropped, "
-                    "missing rows keep the base values)",
-                )
-            raise PlanError(
-                f"shape mismatch in {tname!r}: {list(shape)} in {ref.ref} ({ref.info(name).file}) "
-                f"but {list(other)} in {ck.ref} ({ck.info(tname).file})",
-                hint="all models must share the base model's architecture and sizes",
-            )
-        return row_fix
-
-    @staticmethod
-    def _is_vocab_tensor(name: str, ck: TensorSource, rows: int, ref: TensorSource, ref_rows: int) -> bool:
-        if is_vocab_name(name):
-            return True
-        v1 = (ck.config or {}).get("vocab_size")
-        v0 = (ref.config or {}).get("vocab_size")
-        return v1 == rows and v0 == ref_rows
 
     def _plan_slices(self) -> _Layout:
         slices = self.recipe.slices or []
@@ -524,9 +289,9 @@ class _Planner:
                                 "among each slice's sources")
             base_src = matches[0]
             srcs = [(k, s) for k, s in srcs if s.model != base_ref]
-        self._check_count(len(srcs))
+        self.inputs.count(len(srcs))
         for k, s in srcs:
-            self.check_param_keys(s.parameters, ("slices", si, "sources", k, "parameters"), per_model=True)
+            self.params.check_keys(s.parameters, ("slices", si, "sources", k, "parameters"), per_model=True)
         for k, s in enumerate(sl.sources):
             n = self._count_layers(self.checkpoints[self.index[s.model]])
             if n is not None and s.layer_range[1] > n:
@@ -537,7 +302,7 @@ class _Planner:
     def _plan_slice(self, si: int, sl: Any, out_layer: int) -> tuple[list[WorkItem], int, int]:
         """The work items of one slice's blocks; also its lead checkpoint and its length."""
         r = self.recipe
-        self.check_param_keys(sl.parameters, ("slices", si, "parameters"), per_model=False)
+        self.params.check_keys(sl.parameters, ("slices", si, "parameters"), per_model=False)
         base_src, srcs = self._slice_sources(si, sl)
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         lead = base_src[1] if base_src else srcs[0][1]
@@ -556,10 +321,10 @@ class _Planner:
                 lead_name = with_layer_index(tmpl, lead.layer_range[0] + off)
                 info = lead_ck.info(lead_name)
                 in_names = [with_layer_index(tmpl, s.layer_range[0] + off) for _, s in srcs]
-                row_fix = self._check_inputs(lead_name, lead_idx, experts, info.shape, in_names)
-                gparams = self.resolve(levels_g, out_name, t, per_model=False)
+                row_fix = self.inputs.check(lead_name, lead_idx, experts, info.shape, in_names)
+                gparams = self.params.resolve(levels_g, out_name, t, per_model=False)
                 # per-model parameters match the model's own (input) tensor name, as in mergekit
-                mparams = [self.resolve([(s.parameters, ("slices", si, "sources", k, "parameters"))] + levels_g,
+                mparams = [self.params.resolve([(s.parameters, ("slices", si, "sources", k, "parameters"))] + levels_g,
                                         nm, t, per_model=True) for (k, s), nm in zip(srcs, in_names)]
                 items.append(self._item(out_name, info, r.output_dtype,
                                         InputRef(lead_idx, lead_name) if base_src else None,
@@ -582,16 +347,16 @@ class _Planner:
             if layer_index(name) is not None or is_pre_layer(name) != pre:
                 continue
             info = lead_ck.info(name)
-            row_fix = self._check_inputs(name, lead_idx, experts, info.shape)
+            row_fix = self.inputs.check(name, lead_idx, experts, info.shape)
             pad_from = None
             if lead_idx != reference and name in ref_ck and ref_ck.info(name).shape != info.shape:
                 # the output must agree with the model whose config it carries (the first slice's)
-                self._check_inputs(name, reference, [lead_idx], ref_ck.info(name).shape)
+                self.inputs.check(name, reference, [lead_idx], ref_ck.info(name).shape)
                 info = ref_ck.info(name)
                 row_fix, pad_from = True, InputRef(reference, name)
             t = self._position(name, None, None)
-            gparams = self.resolve(levels_g, name, t, per_model=False)
-            mparams = [self.resolve([(s.parameters, ())] + levels_g, name, t, per_model=True) for s in srcs]
+            gparams = self.params.resolve(levels_g, name, t, per_model=False)
+            mparams = [self.params.resolve([(s.parameters, ())] + levels_g, name, t, per_model=True) for s in srcs]
             item = self._item(name, info, r.output_dtype, InputRef(lead_idx, name) if m.needs_base else None,
                               [InputRef(x, name) for x in experts], mparams, gparams, lead_idx, name, row_fix)
             item.pad_from = pad_from
