@@ -84,7 +84,6 @@ class Plan:
         }
 
 
-
 @dataclass
 class _Layout:
     """What planning the tensors decided: the work items and where the output's layout comes from."""
