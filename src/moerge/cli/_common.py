@@ -41,11 +41,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 def _fail(message: str, hint: str | None, code: int) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
+    # a path, recipe key or tensor name may hold "[...]": escaped, it is printed as it is, never read as markup
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[bold red]error:[/] {message}", markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     if hint:
-        err.print(f"[dim]hint:[/] {hint}", markup=True)
+        err.print(f"[dim]hint:[/] {escape(hint)}", markup=True)
     sys.exit(code)
 
 

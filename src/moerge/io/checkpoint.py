@@ -11,7 +11,6 @@ downloaded and no remote code runs.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -27,6 +26,7 @@ from moerge.io.sources import (
     read_runs_one_by_one,
     resolve_reference,
 )
+from moerge.io.untrusted import expect, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -84,12 +84,11 @@ class Checkpoint(NamedTensors):
 
     @staticmethod
     def _index_files(index_path: Path) -> list[Path]:
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            files = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index_path}: corrupt index file ({e})") from e
+        index = read_json_object(index_path)
+        weight_map = expect(index.get("weight_map"), dict, f"{index_path}: corrupt index file", "'weight_map'")
+        for tensor, shard in weight_map.items():
+            expect(shard, str, f"{index_path}: corrupt index file", f"the shard of {tensor!r}")
+        files = list(dict.fromkeys(weight_map.values()))
         paths = [index_path.parent / f for f in files]
         for p in paths:
             if not p.is_file():
@@ -108,6 +107,9 @@ class Checkpoint(NamedTensors):
                     if name in infos:
                         raise CheckpointError(f"{f}: tensor {name!r} also appears in {infos[name].file}")
                     infos[name] = TensorInfo(name, e.dtype, e.shape, f)
+            if not infos:
+                raise CheckpointError(f"{files[0] if len(files) == 1 else root}: holds no tensors",
+                                      hint="a model needs at least one tensor; the file may be damaged")
         except BaseException:
             for r in readers.values():
                 r.close()
@@ -155,10 +157,7 @@ class Checkpoint(NamedTensors):
         if self._config is None:
             p = self.root / "config.json"
             if p.is_file():
-                try:
-                    self._config = json.loads(p.read_text())
-                except ValueError as e:
-                    raise CheckpointError(f"{p}: invalid JSON ({e})") from e
+                self._config = read_json_object(p)
         return self._config
 
     def read(self, name: str, start: int = 0, count: int | None = None,

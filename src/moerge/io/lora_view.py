@@ -51,6 +51,10 @@ class LoraView(NamedTensors):
                     (b[0], a[1]) != (bi.shape[::-1] if pair.transpose else bi.shape):
                 raise CheckpointError(f"{weights}: LoRA factors of {target!r} have shapes B {list(b)}, A {list(a)}, "
                                       f"which do not fit the base weight {list(bi.shape)}")
+            if a[0] != pair.rank:  # the scale alpha / r would be wrong: a silently different model
+                raise CheckpointError(f"{weights}: LoRA factors of {target!r} have rank {a[0]}, but "
+                                      f"{self.adapter.folder / 'adapter_config.json'} gives r = {pair.rank} "
+                                      "(r, or its rank_pattern entry)")
             infos[target] = TensorInfo(target, "float32", bi.shape, weights)
         for target, name in self.adapter.full.items():
             e = self.adapter.reader.entries[name]

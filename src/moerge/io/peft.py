@@ -13,7 +13,6 @@ DoRA and other PEFT types are refused: their ΔW is not B·A.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 from moerge.errors import CheckpointError
 from moerge.io.safetensors_format import SafetensorsReader
 from moerge.io.sources import ADAPTER_CONFIG
+from moerge.io.untrusted import expect, read_json_object
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -34,22 +34,39 @@ class LoraPair:
     b: str
     scale: float
     transpose: bool  # fan_in_fan_out (GPT-2 Conv1D) and embeddings: ΔW = (B·A)ᵀ
+    rank: int  # the rank the config gives this module (its scale depends on it)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern: the first key that matches the module's name (suffix or regex)."""
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+        if module == key or module.endswith("." + key) or _fullmatch(key, module):
             return value
     return default
 
 
+def _fullmatch(pattern: str, text: str) -> bool:
+    try:
+        return re.fullmatch(pattern, text) is not None
+    except re.error as e:
+        raise CheckpointError(f"the adapter's pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     cfg_path = folder / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable adapter config ({e})") from e
+    cfg = read_json_object(cfg_path)
+    for key, kind, low in (("r", int, 1), ("lora_alpha", (int, float), None)):
+        if key in cfg:
+            value = expect(cfg[key], kind, str(cfg_path), repr(key))
+            if low is not None and value < low:
+                raise CheckpointError(f"{cfg_path}: {key!r} must be at least {low}, found {value}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = expect(cfg.get(key) or {}, dict, str(cfg_path), repr(key))
+        for module, value in patterns.items():
+            expect(value, int if key == "rank_pattern" else (int, float), str(cfg_path), f"{key}[{module!r}]")
+            if key == "rank_pattern" and value < 1:
+                raise CheckpointError(f"{cfg_path}: {key}[{module!r}] must be at least 1, found {value}")
+    expect(cfg.get("base_model_name_or_path") or "", str, str(cfg_path), "'base_model_name_or_path'")
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise CheckpointError(f"{cfg_path}: PEFT type {kind} is not supported (only LoRA adapters)")
@@ -104,7 +121,7 @@ class PeftAdapter:
                 alpha = float(_pattern_value(alpha_pat, module, alpha0))
                 scale = alpha / (math.sqrt(r) if rs else r)
                 embedding = m.group(2) == "embedding_A"
-                self.pairs[module + ".weight"] = LoraPair(name, b_name, scale, embedding or fan_in_fan_out)
+                self.pairs[module + ".weight"] = LoraPair(name, b_name, scale, embedding or fan_in_fan_out, r)
             elif re.search(r"\.lora_(B|embedding_B)", key):
                 continue
             elif "lora_magnitude" in key:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moerge.errors import CheckpointError
+from moerge.io.untrusted import parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +79,10 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     safetensors file (truncated, bad JSON, offsets outside the file, overlaps).
     """
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, a device never end
+            raise CheckpointError(f"{path}: not a regular file")
+        size = info.st_size
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
@@ -92,10 +97,7 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from e
+    header = parse_json(raw, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -140,8 +142,9 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raise CheckpointError(
                 f"{path}: corrupt header: a gap of {span_begin - expected} bytes before tensor {span_name!r}")
         expected = span_end
-    if spans and expected != data_size:
-        raise CheckpointError(f"{path}: corrupt file: {data_size - expected} bytes after the last tensor",
+    if expected != data_size:
+        what = "after the last tensor" if spans else "but its header lists no tensor"
+        raise CheckpointError(f"{path}: corrupt file: {data_size - expected} bytes {what}",
                               hint="the file may have been written by something else or be damaged")
     if not isinstance(metadata, dict):
         metadata = {}

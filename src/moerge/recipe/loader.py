@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from moerge.errors import RecipeError, did_you_mean
 from moerge.recipe.schema import ModelEntry, Recipe, Slice, SliceSource, TokenizerSpec
-from moerge.recipe.yaml_lines import RecipeYAMLError, load_with_lines
+from moerge.recipe.yaml_lines import MAX_BYTES, RecipeYAMLError, decode_recipe, load_with_lines
 
 UNSUPPORTED_MERGEKIT_KEYS = {
     "modules": "multi-module recipes ('modules:') are not supported yet; use 'models' or 'slices'",
@@ -76,10 +76,8 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Loa
         s = str(source)
         if "\n" not in s and (Path(s).suffix in (".yaml", ".yml") or Path(s).exists()):
             path = Path(s)
-            if not path.is_file():
-                raise RecipeError(f"{path}: recipe file not found")
             name = str(path)
-            text = path.read_text()
+            text = _read_recipe_file(path)
         else:
             text = s
         try:
@@ -126,6 +124,29 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Loa
         problems = list(dict.fromkeys(problems))
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems[:12])) from None
     return LoadedRecipe(recipe, name, lines, text, fmt)
+
+
+def _read_recipe_file(path: Path) -> str:
+    """A recipe file's text: a regular file (a FIFO or device would block or never end), UTF-8, bounded."""
+    import stat
+
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RecipeError(f"{path}: not a regular file (a recipe is a YAML file)")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    try:
+        return decode_recipe(data)
+    except RecipeYAMLError as e:
+        raise RecipeError(f"{path}:{e.line}: {e}" if e.line else f"{path}: {e}") from None
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

@@ -128,6 +128,8 @@ class Recipe(_Strict):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty")
         if self.tokenizer is not None and self.tokenizer.tokens:
             raise ValueError("tokenizer.tokens (per-token embedding surgery) is not supported yet")
         source = self.tokenizer.source if self.tokenizer else self.tokenizer_source

@@ -16,11 +16,11 @@ norm ``norm`` that Fisher merging's normalisation divides by.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from moerge.errors import PlanError
+from moerge.io.untrusted import read_json_object
 
 META = "moerge_stats.json"
 KINDS = ("gram", "fisher", "kfac")
@@ -45,15 +45,9 @@ def part_shapes(kind: str, shape: tuple[int, ...]) -> list[tuple[int, ...]] | No
 def read_meta(folder: Path, hint: str | None = None) -> dict[str, Any]:
     """The parsed ``moerge_stats.json`` of a statistics folder."""
     path = folder / META
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{folder}: not a statistics folder (no {META})", hint=hint) from None
-    except (OSError, ValueError) as err:
-        raise PlanError(f"{path}: unreadable ({err})") from None
-    if not isinstance(meta, dict):
-        raise PlanError(f"{path}: expected a JSON object, found {type(meta).__name__}")
-    return meta
+    if not path.exists():
+        raise PlanError(f"{folder}: not a statistics folder (no {META})", hint=hint)
+    return read_json_object(path, error=PlanError)
 
 
 def stale_for(meta: dict[str, Any], model_hash: str) -> bool:

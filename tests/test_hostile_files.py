@@ -1,0 +1,107 @@
+"""Checkpoints, indexes, configs and adapters written by an attacker or a careless user: one CheckpointError
+naming the file and what was expected, never a Python exception from deep inside (issue 16, file campaign)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+import moerge
+from conftest import recipe
+from moerge.errors import CheckpointError
+from moerge.io.checkpoint import open_source
+
+
+def _safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+@pytest.mark.parametrize(("header", "data", "expected"), ids=["deep", "digits", "nan", "no-tensor-data", "empty", "utf8"], argvalues=[
+    (b"[" * 100_000 + b"]" * 100_000, b"", "corrupt safetensors header: invalid JSON (nested too deeply)"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + b"4" * 5000 + b"]}}", b"\0" * 4,
+     "an integer of 5000 digits"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, NaN]}}', b"\0" * 4, "NaN is not a JSON number"),
+    (b"{}", b"\0" * 64, "corrupt file: 64 bytes but its header lists no tensor"),
+    (b"{}", b"", "holds no tensors"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\xff', b"\0" * 4, "not UTF-8 text"),
+])
+def test_corrupt_safetensors_headers(tmp_path, header, data, expected):
+    f = _safetensors(tmp_path / "m" / "model.safetensors", header, data)
+    with pytest.raises(CheckpointError) as e:
+        open_source(f.parent)
+    assert str(f) in str(e.value) and expected in str(e.value), str(e.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_in_place_of_weights_is_refused_not_read(tmp_path):
+    (tmp_path / "m").mkdir()
+    os.mkfifo(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a regular file"):
+        open_source(tmp_path / "m")
+
+
+@pytest.mark.parametrize(("config", "expected"), ids=["list", "string", "deep"], argvalues=[
+    ("[1, 2]", "expected a JSON object, found a list"),
+    ('"llama"', "expected a JSON object, found a string"),
+    ('{"a": ' * 50_000 + "1" + "}" * 50_000, "invalid JSON (nested too deeply)"),
+])
+def test_a_config_that_is_not_an_object(llama, tmp_path, config, expected):
+    bad = shutil.copytree(llama["base"], tmp_path / "bad")  # the base's config is the one the output follows
+    (bad / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=r"bad/config\.json: " + expected.replace("(", r"\(").replace(")", r"\)")):
+        moerge.merge(recipe("task_arithmetic", bad, [llama["ft1"]]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("index", "expected"), [
+    ({"weight_map": {"w": 3}}, "the shard of 'w' must be str, found a number"),
+    ({"weight_map": ["model.safetensors"]}, "'weight_map' must be dict, found a list"),
+    ({"metadata": {}}, "'weight_map' must be dict, found null"),
+])
+def test_corrupt_indexes(llama, tmp_path, index, expected):
+    bad = shutil.copytree(llama["base"], tmp_path / "bad")
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: corrupt index file: " + expected):
+        open_source(bad)
+
+
+def test_a_deep_index(llama, tmp_path):
+    bad = shutil.copytree(llama["base"], tmp_path / "bad")
+    (bad / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match=r"index\.json: invalid JSON \(nested too deeply\)"):
+        open_source(bad)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    from moerge.extract import extract_lora
+    from moerge.testing import make_llama, perturb
+
+    root = tmp_path_factory.mktemp("hostile_adapter")
+    base = make_llama(root / "base", seed=0, layers=1)
+    return extract_lora(perturb(base, root / "tuned", seed=1, scale=0.1), base, root / "lora", rank=4).output
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    ({"r": 0}, "'r' must be at least 1, found 0"),
+    ({"r": "x"}, "'r' must be int, found a string"),
+    ({"r": True}, "'r' must be int, found a boolean"),
+    ({"lora_alpha": [1]}, "'lora_alpha' must be int or float, found a list"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be at least 1"),
+    ({"rank_pattern": {"(": 4}}, "not a valid regular expression"),
+    ({"r": 8}, "have rank 4, but .*adapter_config.json gives r = 8"),  # a scale that would be silently wrong
+    ({"base_model_name_or_path": 7}, "'base_model_name_or_path' must be str, found a number"),
+])
+def test_adapter_configs_that_do_not_fit_their_factors(adapter, tmp_path, edit, expected):
+    bad = shutil.copytree(adapter, tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(cfg | edit))
+    with pytest.raises(CheckpointError, match=expected):
+        open_source(bad)
