@@ -441,3 +441,16 @@ def test_eval_reads_a_recipe_with_the_recipe_loader(tmp_path):
     res = CliRunner().invoke(main, ["eval", str(bad), "--zoo", str(tmp_path / "zoo"), "--results", str(tmp_path)])
     assert res.exit_code == 2, res.output
     assert "bad.yaml:5" in res.output and "densty" in res.output
+
+
+def test_the_output_may_not_be_one_of_the_inputs(llama, tmp_path):
+    from moerge.extract import extract_lora
+
+    work = shutil.copytree(llama["ft1"], tmp_path / "ft1")
+    before = (work / "model.safetensors").read_bytes()
+    for out in (work, tmp_path):  # the input's own folder, and a folder that holds it
+        with pytest.raises(OutputError, match="holds an input of this merge"):
+            moerge.merge(recipe("task_arithmetic", llama["base"], [work]), out, force=True)
+        with pytest.raises(OutputError, match="holds an input of this merge"):
+            extract_lora(work, llama["base"], out, force=True)
+    assert (work / "model.safetensors").read_bytes() == before

@@ -105,3 +105,26 @@ def test_adapter_configs_that_do_not_fit_their_factors(adapter, tmp_path, edit, 
     (bad / "adapter_config.json").write_text(json.dumps(cfg | edit))
     with pytest.raises(CheckpointError, match=expected):
         open_source(bad)
+
+
+@pytest.mark.parametrize("change", ["absent", "wrong shard", "unlisted"])
+def test_an_index_that_disagrees_with_its_shards(llama_bf16, tmp_path, change):
+    bad = shutil.copytree(llama_bf16["base"], tmp_path / "bad")
+    index_path = bad / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    wm = index["weight_map"]
+    shards = sorted(set(wm.values()))
+    assert len(shards) > 1
+    name = next(iter(wm))
+    if change == "absent":
+        wm["model.layers.9.mlp.up_proj.weight"] = shards[0]
+        expected = "lists tensor 'model.layers.9.mlp.up_proj.weight' in .*, which does not hold it"
+    elif change == "wrong shard":
+        wm[name] = next(s for s in shards if s != wm[name])
+        expected = f"lists tensor '{name}' in .*, but it is in"
+    else:
+        del wm[name]
+        expected = f"does not list 1 tensor\\(s\\) its shards hold \\(e.g. '{name}'"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=expected):
+        open_source(bad)

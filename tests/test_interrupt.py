@@ -89,3 +89,15 @@ def test_existing_output_survives_a_killed_forced_merge(llama, tmp_path):
     proc.kill()
     proc.wait()
     assert (tmp_path / "out" / "keep.txt").read_text() == "previous model"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(llama, tmp_path, sig):
+    proc, out = start_merge(llama, tmp_path)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert f"terminated ({signal.Signals(sig).name})" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".moerge-tmp-" in p.name]  # nothing left behind

@@ -169,3 +169,22 @@ def test_merge_written_as_lora_adapter(adapters: dict[str, Path], tmp_path: Path
     torch.testing.assert_close(a.read(name).reshape(f.info(name).shape), f.read(name).float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="already exists"):
         merge(recipe, tmp_path / "adapter", lora_rank=6)
+
+
+def test_a_killed_lora_rank_merge_does_not_block_the_next_one(adapters: dict[str, Path], tmp_path: Path) -> None:
+    # what a merge written as an adapter leaves when killed between the full merge and the factorisation
+    import subprocess
+    import sys
+
+    from moerge.api import merge
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    stale = tmp_path / f".adapter.moerge-tmp-{dead}-full-merge"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"left by a killed merge")
+    recipe = (f"method: task_arithmetic\nbase_model: {adapters['base']}\n"
+              f"models: [{adapters['a1']}, {adapters['a2']}]\nparameters: {{lambda: 0.5}}\n")
+    res = merge(recipe, tmp_path / "adapter", lora_rank=6)  # no --force needed
+    assert res.output == tmp_path / "adapter" and (res.output / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the stale staging folder is gone

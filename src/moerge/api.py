@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moerge.errors import MoergeError
+from moerge.io.publish import TMP_MARK, check_not_an_input
 from moerge.io.writer import ModelWriter, parse_size
 from moerge.recipe import LoadedRecipe, Recipe, load_recipe
 from moerge.version import __version__
@@ -68,12 +69,13 @@ def merge(
     try:
         out = final = Path(out_dir)
         size = parse_size(shard_size)
+        check_not_an_input(final, [f for c in plan.checkpoints for f in c.files])
         if lora_rank is not None:
             out = _lora_staging(plan, final, force)
         if dry_run:
             return MergeResult(None, plan.summary(), time.perf_counter() - t0, warnings=plan.warnings)
-        path, stats, notes = _write_merge(plan, out, size=size, force=force, device=device,
-                                          allow_nonfinite=allow_nonfinite, progress=progress)
+        path, stats, notes = _write_merge(plan, out, size=size, force=force or lora_rank is not None,
+                                          device=device, allow_nonfinite=allow_nonfinite, progress=progress)
     finally:
         plan.close()
     if lora_rank is not None:
@@ -89,7 +91,9 @@ def _lora_staging(plan: Plan, final: Path, force: bool) -> Path:
                           hint="add base_model to the recipe, or drop --lora-rank")
     if final.exists() and not force:
         raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
-    return final.parent / f".{final.name}.full-merge"
+    # a publication's temporary name (this process's id in it): a run killed here leaves nothing that blocks
+    # the next one, whose publication of ``final`` removes it
+    return final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-full-merge"
 
 
 def _write_merge(plan: Plan, out: Path, *, size: int, force: bool, device: str | None, allow_nonfinite: bool,

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from moerge.arch.names import is_embedding_name
 from moerge.errors import MoergeError
 from moerge.io.checkpoint import open_source
-from moerge.io.publish import Publication, output_error
+from moerge.io.publish import Publication, check_not_an_input, output_error
 from moerge.methods.finite import first_nonfinite
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
     if out.exists() and not force:
         raise MoergeError(f"{out} already exists", hint="pass --force to replace it")
     with open_source(model) as m, open_source(base) as b:
+        check_not_an_input(out, m.files + b.files)
         report, tensors, targets = _factorise_all(m, b, model, base, rank, include_embeddings, progress)
     config = {
         "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,

@@ -7,7 +7,9 @@ that ``moerge --help`` answers at once.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -51,20 +53,45 @@ def _fail(message: str, hint: str | None, code: int) -> None:
     sys.exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be, so the same clean-up runs
+    (every temporary output removed) before the process exits with the signal's status."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _catch_termination() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` (main thread only); returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    return {s: signal.signal(s, _terminated) for s in wanted}
+
+
 def run(ctx: click.Context, fn: Callable[[], Any]) -> Any:
     """Run a command body, turning moerge errors into one readable message and an exit code."""
     debug = bool(ctx.find_root().obj and ctx.find_root().obj.get("debug"))
     from moerge.errors import MoergeError
 
+    previous = _catch_termination()
     try:
         return fn()
     except MoergeError as e:
         if debug:
             raise
         _fail(e.message, e.hint, e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
+        if isinstance(e, Terminated):
+            name = signal.Signals(e.signum).name
+            _fail(f"terminated ({name}); no output was written (partial files were removed)", None, 128 + e.signum)
         _fail("interrupted; no output was written (partial files were removed)", None, 130)
     except MemoryError:
         if debug:
@@ -75,6 +102,9 @@ def run(ctx: click.Context, fn: Callable[[], Any]) -> Any:
             raise
         _fail(f"internal error: {type(e).__name__}: {e}", "run again with --debug for the traceback, "
               "and please report it", 1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_offline(ctx: click.Context, fn: Callable[[], Any]) -> Any:

@@ -68,7 +68,13 @@ class Checkpoint(NamedTensors):
                 return cls._from_pickle(str(ref), root, [path], allow_pickle)
             raise CheckpointError(f"{path}: not a checkpoint (expected a .safetensors file or a model directory)")
         if (path / SAFE_INDEX).is_file():
-            return cls._from_safetensors(str(ref), root, cls._index_files(path / SAFE_INDEX))
+            ck = cls._from_safetensors(str(ref), root, cls._index_files(path / SAFE_INDEX))
+            try:
+                ck._check_index(path / SAFE_INDEX)
+            except BaseException:
+                ck.close()
+                raise
+            return ck
         if (path / SAFE_SINGLE).is_file():
             return cls._from_safetensors(str(ref), root, [path / SAFE_SINGLE])
         others = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
@@ -94,6 +100,21 @@ class Checkpoint(NamedTensors):
             if not p.is_file():
                 raise CheckpointError(f"{index_path}: lists shard {p.name}, which does not exist")
         return paths
+
+    def _check_index(self, index_path: Path) -> None:
+        """Every tensor the index lists is in the shard it names, and every tensor of a shard is listed (a
+        loader that follows the index would otherwise read another model than the one merged)."""
+        weight_map = read_json_object(index_path)["weight_map"]
+        for name, shard in weight_map.items():
+            if name not in self.infos:
+                raise CheckpointError(f"{index_path}: lists tensor {name!r} in {shard}, which does not hold it")
+            if self.infos[name].file.name != Path(shard).name:
+                raise CheckpointError(f"{index_path}: lists tensor {name!r} in {shard}, but it is in "
+                                      f"{self.infos[name].file.name}")
+        unlisted = [n for n in self.infos if n not in weight_map]
+        if unlisted:
+            raise CheckpointError(f"{index_path}: does not list {len(unlisted)} tensor(s) its shards hold "
+                                  f"(e.g. {unlisted[0]!r} in {self.infos[unlisted[0]].file.name})")
 
     @classmethod
     def _from_safetensors(cls, ref: str, root: Path, files: list[Path]) -> Checkpoint:

@@ -91,6 +91,17 @@ def output_error(e: OSError, out_dir: Path, written_bytes: int | None = None) ->
     return OutputError(f"cannot write {out_dir}: {e.strerror or e}")
 
 
+def check_not_an_input(out_dir: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that is, or holds, one of the inputs: replacing it (``force``) would destroy
+    an input, possibly while it is still being read."""
+    out = Path(out_dir).resolve()
+    for f in inputs:
+        path = Path(f).resolve()
+        if path == out or out in path.parents:
+            raise OutputError(f"{out_dir} holds an input of this merge ({f})",
+                              hint="write the output to another folder")
+
+
 class Publication:
     """A folder being written: fill :attr:`tmp`, then :meth:`commit`; leaving the ``with`` block
     without a commit (an error, Ctrl-C) removes everything written, and the output path is untouched."""
