@@ -128,3 +128,33 @@ def test_an_index_that_disagrees_with_its_shards(llama_bf16, tmp_path, change):
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=expected):
         open_source(bad)
+
+
+def test_a_shard_replaced_after_planning_is_an_error_not_a_stale_read(llama, tmp_path, monkeypatch):
+    import moerge.engine.plan as planning
+
+    work = shutil.copytree(llama["ft1"], tmp_path / "ft1")
+    real = planning.make_plan
+
+    def plan_then_replace(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        # another process saves a new version of the expert: a new file renamed over the old one
+        shutil.copy(llama["ft2"] / "model.safetensors", work / "new.safetensors")
+        os.replace(work / "new.safetensors", work / "model.safetensors")
+        return plan
+
+    monkeypatch.setattr(planning, "make_plan", plan_then_replace)
+    with pytest.raises(CheckpointError, match=r"ft1/model\.safetensors: changed since its header was read"):
+        moerge.merge(recipe("task_arithmetic", llama["base"], [work]), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1"]  # no output, no temporary
+
+
+def test_a_file_rewritten_in_place_after_its_header_was_read(llama, tmp_path):
+    work = shutil.copytree(llama["ft1"], tmp_path / "ft1")
+    ck = open_source(work)
+    data = (work / "model.safetensors").read_bytes()
+    with open(work / "model.safetensors", "wb") as fh:  # same inode, new contents (and time)
+        fh.write(data[:-16])
+    with pytest.raises(CheckpointError, match="changed since its header was read"):
+        ck.read(ck.tensor_names[0])
+    ck.close()

@@ -12,6 +12,7 @@ we are done with stop counting against the process's resident memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -71,19 +72,24 @@ class TensorEntry:
         return self.end - self.begin
 
 
-def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+def identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one state of a file from another: device, inode, size, modification time."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], tuple[int, int, int, int]]:
     """Read and validate the header of a safetensors file.
 
-    Returns the tensor entries and the free-form ``__metadata__`` dict. Raises
-    :class:`CheckpointError` naming the file for anything that is not a valid
-    safetensors file (truncated, bad JSON, offsets outside the file, overlaps).
+    Returns the tensor entries, the free-form ``__metadata__`` dict and the :func:`identity` of the
+    file the header was read from. Raises :class:`CheckpointError` naming the file for anything that is
+    not a valid safetensors file (truncated, bad JSON, offsets outside the file, overlaps).
     """
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, a device never end
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block, a device never end
             raise CheckpointError(f"{path}: not a regular file")
-        size = info.st_size
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())  # the file opened, not whatever the path names a moment later
+            size = st.st_size
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -148,7 +154,7 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                               hint="the file may have been written by something else or be damaged")
     if not isinstance(metadata, dict):
         metadata = {}
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    return entries, {str(k): str(v) for k, v in metadata.items()}, identity(st)
 
 
 class SafetensorsReader:
@@ -156,12 +162,31 @@ class SafetensorsReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.entries, self.metadata = parse_header(self.path)
+        self.entries, self.metadata, self.identity = parse_header(self.path)
         self._fd: int | None = None
 
-    def _fileno(self) -> int:
+    def _fileno(self, name: str | None = None) -> int:
+        """The file's descriptor, opened on first use and checked to be the file whose header was read: a
+        shard replaced or rewritten after planning would otherwise be read at the old header's offsets.
+        ``name``: the tensor about to be read, named in the error."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                if e.errno == errno.EMFILE:
+                    raise CheckpointError(f"{self.path}: too many open files ({e.strerror})",
+                                          hint="raise the limit (ulimit -n) or merge fewer sharded models at "
+                                          "once") from None
+                raise CheckpointError(f"{self.path}: cannot open ({e.strerror or e})") from None
+            now = os.fstat(fd)
+            if identity(now) != self.identity:
+                os.close(fd)
+                short = name is not None and now.st_size < self.entries[name].end
+                what = f"file shorter than its header says (tensor {name!r}): " if short else ""
+                raise CheckpointError(f"{self.path}: {what}changed since its header was read (replaced, "
+                                      "rewritten or truncated while in use); nothing was written from it",
+                                      hint="run again once the file no longer changes")
+            self._fd = fd
         return self._fd
 
     def close(self) -> None:
@@ -203,7 +228,7 @@ class SafetensorsReader:
         import torch
 
         entry = self.entries[name]
-        fd = self._fileno()
+        fd = self._fileno(name)
         if os.fstat(fd).st_size < entry.end:  # a mapping past the end of a file faults (SIGBUS)
             raise CheckpointError(f"{self.path}: file shorter than its header says (tensor {name!r})")
         nbytes = entry.end - entry.begin
@@ -235,7 +260,7 @@ class SafetensorsReader:
 
     def _pread(self, name: str, view: memoryview, offset: int) -> None:
         """Fill ``view`` from the file at ``offset``."""
-        got, nbytes, fd = 0, len(view), self._fileno()
+        got, nbytes, fd = 0, len(view), self._fileno(name)
         while got < nbytes:
             n = os.preadv(fd, [view[got:]], offset + got)
             if n <= 0:
