@@ -112,3 +112,49 @@ def test_the_zoo_lists_no_expert_being_published(tmp_path):
         (tmp_path / "encoder" / "full" / name).mkdir(parents=True)
         (tmp_path / "encoder" / "full" / name / "moerge_expert.json").write_text(meta)
     assert list(list_experts(tmp_path, "encoder", "full")) == ["bbc"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_output_that_appears_just_before_the_rename(tmp_path, monkeypatch, force):
+    # another merge into the same folder commits between this one's look and its rename
+    out = tmp_path / "out"
+    real_rename = os.rename
+
+    def racing_rename(src, dst):
+        if Path(dst) == out and not out.exists():
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(publish.os, "rename", racing_rename)
+    pub = Publication(out, force=force)
+    (pub.tmp / "ours.txt").write_text("ours")
+    with pub:
+        if force:
+            pub.commit()
+        else:
+            with pytest.raises(OutputError, match="appeared while writing it"):
+                pub.commit()
+    assert _siblings(out) == (["ours.txt"] if force else ["theirs.txt"])
+    assert _siblings(tmp_path) == ["out"]
+
+
+def test_an_output_that_cannot_be_replaced_is_a_clear_error(tmp_path, monkeypatch):
+    # a mount point: neither swapped nor renamed away (EBUSY)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(publish.os, "rename", busy)
+    with pytest.raises(OutputError, match="cannot put .*out in place: Device or resource busy"), \
+            Publication(out, force=True) as pub:
+        (pub.tmp / "new.txt").write_text("new")
+        pub.commit()
+    assert _siblings(out) == ["old.txt"] and _siblings(tmp_path) == ["out"]

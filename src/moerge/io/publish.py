@@ -139,23 +139,43 @@ class Publication:
             self._sync_tree()
         except OSError as e:
             raise output_error(e, self.out_dir, written_bytes) from e
-        trash = None
-        if self.out_dir.exists():
-            if not self.force:
-                raise OutputError(f"{self.out_dir} appeared while writing it; not replacing it without --force")
-            if _exchange(self.tmp, self.out_dir):
-                trash = self.tmp  # now holds the previous output
-            else:
-                trash = self.out_dir.parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(3)}"
-                os.rename(self.out_dir, trash)
-                os.rename(self.tmp, self.out_dir)
-        else:
-            os.rename(self.tmp, self.out_dir)
+        try:
+            trash = self._swap_in()
+        except OSError as e:
+            raise OutputError(f"cannot put {self.out_dir} in place: {e.strerror or e}",
+                              hint="a mount point, or a folder another program holds, cannot be replaced; "
+                              "write into a folder inside it") from e
         _fsync_path(self.out_dir.parent)
         self.done = True
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.out_dir
+
+    def _swap_in(self) -> Path | None:
+        """Rename the temporary folder to the output; returns the previous output's folder, to delete."""
+        for _ in range(3):  # another publication may put its output there between a look and a rename
+            if not self.out_dir.exists():
+                try:
+                    os.rename(self.tmp, self.out_dir)
+                    return None
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+            if not self.force:
+                raise OutputError(f"{self.out_dir} appeared while writing it; not replacing it without --force")
+            if _exchange(self.tmp, self.out_dir):
+                return self.tmp  # now holds the previous output
+            if not self.out_dir.exists():
+                continue
+            trash = self.out_dir.parent / f".{self.out_dir.name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(3)}"
+            os.rename(self.out_dir, trash)
+            try:
+                os.rename(self.tmp, self.out_dir)
+            except OSError:
+                os.rename(trash, self.out_dir)  # put the previous output back
+                raise
+            return trash
+        raise OutputError(f"{self.out_dir} keeps changing while it is published (other merges writing to it?)")
 
     def abort(self) -> None:
         """Remove everything written so far (the output path is untouched)."""
