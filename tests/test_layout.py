@@ -100,7 +100,7 @@ ALLOWED = {
     "errors": set(), "version": set(), "native": set(), "measure": set(),
     "io": {"errors"},
     "arch": {"errors"},
-    "recipe": {"errors"},
+    "recipe": {"errors", "io"},
     "methods": {"errors", "native"},
     "data": {"errors"},
     "runtime": {"errors", "io"},

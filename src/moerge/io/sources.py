@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -67,15 +68,16 @@ class TensorSource(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-class NamedTensors:
+class NamedTensors(ABC):
     """What a source derives from its ``infos`` (name → :class:`TensorInfo`) and its ``files``."""
 
     ref: str
     infos: dict[str, TensorInfo]
 
     @property
+    @abstractmethod
     def files(self) -> list[Path]:
-        raise NotImplementedError
+        """Every file the source reads."""
 
     @property
     def tensor_names(self) -> list[str]:
@@ -96,8 +98,9 @@ class NamedTensors:
     def fingerprint(self, samples: int = 64) -> str:
         return files_fingerprint(self.files, samples)
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release the files (descriptors and mappings)."""
 
     def __enter__(self) -> NamedTensors:
         return self

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from moerge.errors import RecipeError, did_you_mean
+from moerge.io.untrusted import read_regular
 from moerge.recipe.schema import ModelEntry, Recipe, Slice, SliceSource, TokenizerSpec
 from moerge.recipe.yaml_lines import MAX_BYTES, RecipeYAMLError, decode_recipe, load_with_lines
 
@@ -128,21 +129,9 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Loa
 
 def _read_recipe_file(path: Path) -> str:
     """A recipe file's text: a regular file (a FIFO or device would block or never end), UTF-8, bounded."""
-    import stat
-
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise RecipeError(f"{path}: not a regular file (a recipe is a YAML file)")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    if not path.exists():
+        raise RecipeError(f"{path}: recipe file not found")
+    data = read_regular(path, max_bytes=MAX_BYTES, error=RecipeError)
     try:
         return decode_recipe(data)
     except RecipeYAMLError as e:
