@@ -68,9 +68,10 @@ class Checkpoint(NamedTensors):
                 return cls._from_pickle(str(ref), root, [path], allow_pickle)
             raise CheckpointError(f"{path}: not a checkpoint (expected a .safetensors file or a model directory)")
         if (path / SAFE_INDEX).is_file():
-            ck = cls._from_safetensors(str(ref), root, cls._index_files(path / SAFE_INDEX))
+            weight_map = cls._weight_map(path / SAFE_INDEX)
+            ck = cls._from_safetensors(str(ref), root, cls._shards(path / SAFE_INDEX, weight_map))
             try:
-                ck._check_index(path / SAFE_INDEX)
+                ck._check_index(path / SAFE_INDEX, weight_map)
             except BaseException:
                 ck.close()
                 raise
@@ -81,7 +82,8 @@ class Checkpoint(NamedTensors):
         if others:
             return cls._from_safetensors(str(ref), root, others)
         if (path / BIN_INDEX).is_file():
-            return cls._from_pickle(str(ref), root, cls._index_files(path / BIN_INDEX), allow_pickle)
+            index = path / BIN_INDEX
+            return cls._from_pickle(str(ref), root, cls._shards(index, cls._weight_map(index)), allow_pickle)
         if (path / BIN_SINGLE).is_file():
             return cls._from_pickle(str(ref), root, [path / BIN_SINGLE], allow_pickle)
         raise CheckpointError(
@@ -89,22 +91,26 @@ class Checkpoint(NamedTensors):
         )
 
     @staticmethod
-    def _index_files(index_path: Path) -> list[Path]:
+    def _weight_map(index_path: Path) -> dict[str, str]:
+        """The index's tensor name → shard file name map, checked to be one."""
         index = read_json_object(index_path)
         weight_map = expect(index.get("weight_map"), dict, f"{index_path}: corrupt index file", "'weight_map'")
         for tensor, shard in weight_map.items():
             expect(shard, str, f"{index_path}: corrupt index file", f"the shard of {tensor!r}")
-        files = list(dict.fromkeys(weight_map.values()))
-        paths = [index_path.parent / f for f in files]
+        return weight_map
+
+    @staticmethod
+    def _shards(index_path: Path, weight_map: dict[str, str]) -> list[Path]:
+        """The shard files the index names, in order of first mention; each must exist."""
+        paths = [index_path.parent / f for f in dict.fromkeys(weight_map.values())]
         for p in paths:
             if not p.is_file():
                 raise CheckpointError(f"{index_path}: lists shard {p.name}, which does not exist")
         return paths
 
-    def _check_index(self, index_path: Path) -> None:
+    def _check_index(self, index_path: Path, weight_map: dict[str, str]) -> None:
         """Every tensor the index lists is in the shard it names, and every tensor of a shard is listed (a
         loader that follows the index would otherwise read another model than the one merged)."""
-        weight_map = read_json_object(index_path)["weight_map"]
         for name, shard in weight_map.items():
             if name not in self.infos:
                 raise CheckpointError(f"{index_path}: lists tensor {name!r} in {shard}, which does not hold it")
