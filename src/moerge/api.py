@@ -45,6 +45,7 @@ def merge(
     shard_size: str | int = "5GB",
     device: str | None = "cpu",
     allow_pickle: bool = False,
+    allow_external_files: bool = False,
     allow_nonfinite: bool = False,
     dry_run: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
@@ -59,13 +60,14 @@ def merge(
     planned, and nothing is written. With ``lora_rank``, the merge is written as a
     PEFT LoRA adapter of the base model instead (truncated SVD of each linear
     layer's change, see :func:`moerge.extract.extract_lora`); ``notes["lora"]``
-    says how much of the change the rank cut discarded.
+    says how much of the change the rank cut discarded. Every file a model folder names must lie
+    inside it (no index entry or link leads out) unless ``allow_external_files``.
     """
     from moerge.engine.plan import make_plan
 
     t0 = time.perf_counter()
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
-    plan = make_plan(loaded, allow_pickle=allow_pickle)
+    plan = make_plan(loaded, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
     try:
         out = final = Path(out_dir)
         size = parse_size(shard_size)
@@ -134,9 +136,9 @@ def _write_side_files(plan: Plan, writer: ModelWriter, executor_notes: dict[str,
     if cfg is not None:
         writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
     for name in CONFIG_SIDE_FILES:
-        if (cfg_ckpt.root / name).is_file():
-            writer.copy_file(cfg_ckpt.root / name)
-    for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source].root):
+        if (side := cfg_ckpt.side_file(name)) is not None:
+            writer.copy_file(side)
+    for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source]):
         writer.copy_file(f)
     recipe_text = plan.loaded.text or _dump_recipe(plan.recipe)
     writer.write_text("moerge_recipe.yaml", recipe_text)
@@ -162,7 +164,9 @@ def _write_lora(full: Path, plan: Plan, final: Path, rank: int, force: bool) -> 
 
     assert plan.base_index is not None
     try:
-        rep = extract_lora(full, plan.checkpoints[plan.base_index].ref, final, rank=rank, force=force)
+        base = plan.checkpoints[plan.base_index]
+        rep = extract_lora(full, base.ref, final, rank=rank, force=force,
+                           allow_external_files=base.allow_external_files)
     finally:
         shutil.rmtree(full, ignore_errors=True)
     note = (f"rank {rank}: {len(rep.tensors)} layers, {rep.discarded:.2%} of ‖ΔW‖² discarded"
@@ -224,11 +228,12 @@ class ModelInfo:
         return out
 
 
-def inspect(model: str | os.PathLike[str], *, allow_pickle: bool = False) -> ModelInfo:
+def inspect(model: str | os.PathLike[str], *, allow_pickle: bool = False,
+            allow_external_files: bool = False) -> ModelInfo:
     """List a checkpoint's tensors (name, dtype, shape, shard) without reading any tensor data."""
     from moerge.io.checkpoint import open_source
 
-    with open_source(model, allow_pickle=allow_pickle) as ck:
+    with open_source(model, allow_pickle=allow_pickle, allow_external_files=allow_external_files) as ck:
         rows = [TensorRow(i.name, i.dtype, i.shape, i.file.name) for i in ck.infos.values()]
         return ModelInfo(str(model), rows, [f.name for f in ck.files], ck.nbytes(), ck.config)
 
@@ -250,7 +255,7 @@ class TensorDiff:
 
 
 def diff(base: str | os.PathLike[str], other: str | os.PathLike[str], *, allow_pickle: bool = False,
-         progress: Callable[[str, int, int], None] | None = None) -> tuple[list[TensorDiff], list[str], list[str]]:
+         allow_external_files: bool = False, progress: Callable[[str, int, int], None] | None = None) -> tuple[list[TensorDiff], list[str], list[str]]:
     """Per-tensor change from ``base`` to ``other``, streamed one tensor at a time.
 
     Returns the diffs of shared tensors, and the names only in base / only in other.
@@ -259,7 +264,8 @@ def diff(base: str | os.PathLike[str], other: str | os.PathLike[str], *, allow_p
     from moerge.errors import PlanError
     from moerge.io.checkpoint import open_source
 
-    with open_source(base, allow_pickle=allow_pickle) as a, open_source(other, allow_pickle=allow_pickle) as b:
+    opts = {"allow_pickle": allow_pickle, "allow_external_files": allow_external_files}
+    with open_source(base, **opts) as a, open_source(other, **opts) as b:
         shared = [n for n in a.tensor_names if n in b]
         only_a = [n for n in a.tensor_names if n not in b]
         only_b = [n for n in b.tensor_names if n not in a]

@@ -48,14 +48,17 @@ class ExtractReport:
 
 def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str], *,
                  rank: int = 16, include_embeddings: bool = False, force: bool = False,
+                 allow_external_files: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> ExtractReport:
-    """Write ``out`` as a PEFT LoRA adapter approximating ``model − base`` at ``rank``."""
+    """Write ``out`` as a PEFT LoRA adapter approximating ``model − base`` at ``rank`` (the models' files
+    inside their folders unless ``allow_external_files``)."""
     if rank < 1:
         raise MoergeError(f"rank must be at least 1 (got {rank})")
     out = Path(out)
     if out.exists() and not force:
         raise MoergeError(f"{out} already exists", hint="pass --force to replace it")
-    with open_source(model) as m, open_source(base) as b:
+    with open_source(model, allow_external_files=allow_external_files) as m, \
+            open_source(base, allow_external_files=allow_external_files) as b:
         check_not_an_input(out, m.files + b.files)
         report, tensors, targets = _factorise_all(m, b, model, base, rank, include_embeddings, progress)
     config = {

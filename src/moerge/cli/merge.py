@@ -6,6 +6,8 @@ import click
 
 from moerge.cli._common import ProgressBar, run
 
+EXTERNAL_HELP = "Read files that a model folder's index or links place outside it (refused by default)."
+
 
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
@@ -14,6 +16,7 @@ from moerge.cli._common import ProgressBar, run
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, in bytes (5GB, 500MB, 2GiB).")
 @click.option("--device", default="cpu", show_default=True, help="Compute device: cpu, cuda, cuda:1 or auto.")
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin inputs (loaded with weights_only=True).")
+@click.option("--allow-external-files", is_flag=True, help=EXTERNAL_HELP)
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input holds NaN or Inf.")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and plan the merge; write nothing.")
 @click.option("--lora-rank", type=int, default=None,
@@ -21,7 +24,8 @@ from moerge.cli._common import ProgressBar, run
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size: str, device: str,
-          allow_pickle: bool, allow_nonfinite: bool, dry_run: bool, lora_rank: int | None, quiet: bool) -> None:
+          allow_pickle: bool, allow_external_files: bool, allow_nonfinite: bool, dry_run: bool,
+          lora_rank: int | None, quiet: bool) -> None:
     """Merge the models named in RECIPE into OUT_DIR.
 
     \b
@@ -31,6 +35,8 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
     (presence, shape, dtype, parameters) before anything is written.
     Models may be PEFT LoRA adapter folders (read as base + scale·B·A); with
     --lora-rank the result is written back as a LoRA adapter instead.
+    No file outside a model's folder is read (an index entry or a link that
+    leads out is an error) unless --allow-external-files.
     """
 
     def body() -> None:
@@ -39,7 +45,8 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
         with ProgressBar(quiet or dry_run, transient=True) as bar:
             bar.update("merging", 0, None)  # shown while the inputs are opened and checked
             res = do_merge(recipe, out_dir, force=force, shard_size=shard_size, device=device,
-                           allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, dry_run=dry_run,
+                           allow_pickle=allow_pickle, allow_external_files=allow_external_files,
+                           allow_nonfinite=allow_nonfinite, dry_run=dry_run,
                            progress=lambda name, done, total: bar.update("merging", done, total, name[-48:]),
                            lora_rank=lora_rank)
         s = res.summary
@@ -63,14 +70,15 @@ def merge(ctx: click.Context, recipe: str, out_dir: str, force: bool, shard_size
 @click.argument("model")
 @click.option("--tensors/--no-tensors", default=True, help="List every tensor.")
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin checkpoints.")
+@click.option("--allow-external-files", is_flag=True, help=EXTERNAL_HELP)
 @click.pass_context
-def inspect(ctx: click.Context, model: str, tensors: bool, allow_pickle: bool) -> None:
+def inspect(ctx: click.Context, model: str, tensors: bool, allow_pickle: bool, allow_external_files: bool) -> None:
     """Show MODEL's tensors, dtypes, shapes, parameter count and shards (reads headers only)."""
 
     def body() -> None:
         from moerge.api import inspect as do_inspect
 
-        info = do_inspect(model, allow_pickle=allow_pickle)
+        info = do_inspect(model, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
         if tensors:
             width = max((len(t.name) for t in info.tensors), default=10)
             click.echo(f"{'tensor':<{width}}  {'dtype':<9} {'shape':<18} file")
@@ -95,8 +103,10 @@ def inspect(ctx: click.Context, model: str, tensors: bool, allow_pickle: bool) -
 @click.option("--top", type=int, default=0, help="Only the N tensors that changed most (by relative change).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin checkpoints.")
+@click.option("--allow-external-files", is_flag=True, help=EXTERNAL_HELP)
 @click.pass_context
-def diff(ctx: click.Context, base: str, other: str, top: int, as_json: bool, allow_pickle: bool) -> None:
+def diff(ctx: click.Context, base: str, other: str, top: int, as_json: bool, allow_pickle: bool,
+         allow_external_files: bool) -> None:
     """Per-tensor change from BASE to OTHER: L2 of the delta, relative change, cosine, sparsity.
 
     \b
@@ -107,7 +117,8 @@ def diff(ctx: click.Context, base: str, other: str, top: int, as_json: bool, all
     def body() -> None:
         from moerge.api import diff as do_diff
 
-        rows, only_a, only_b = do_diff(base, other, allow_pickle=allow_pickle)
+        rows, only_a, only_b = do_diff(base, other, allow_pickle=allow_pickle,
+                                       allow_external_files=allow_external_files)
         if top:
             rows = sorted(rows, key=lambda r: -r.relative)[:top]
         if as_json:
@@ -193,9 +204,10 @@ def demo(ctx: click.Context, out_dir: str, method: str, force: bool) -> None:
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank of every adapted layer.")
 @click.option("--include-embeddings", is_flag=True, help="Also factorise changed embedding matrices.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--allow-external-files", is_flag=True, help=EXTERNAL_HELP)
 @click.pass_context
 def extract_lora(ctx: click.Context, model: str, base: str, out_dir: str, rank: int, include_embeddings: bool,
-                 force: bool) -> None:
+                 force: bool, allow_external_files: bool) -> None:
     """Write MODEL − BASE as a PEFT LoRA adapter in OUT_DIR (truncated SVD per linear layer).
 
     \b
@@ -208,7 +220,8 @@ def extract_lora(ctx: click.Context, model: str, base: str, out_dir: str, rank: 
     def body() -> None:
         from moerge.extract import extract_lora as do_extract
 
-        rep = do_extract(model, base, out_dir, rank=rank, include_embeddings=include_embeddings, force=force)
+        rep = do_extract(model, base, out_dir, rank=rank, include_embeddings=include_embeddings, force=force,
+                         allow_external_files=allow_external_files)
         worst = sorted(rep.tensors.items(), key=lambda kv: -kv[1])[:5]
         click.echo(f"rank {rank}: {len(rep.tensors)} layers, discarded {rep.discarded:.2%} of ‖ΔW‖²")
         for name, share in worst:

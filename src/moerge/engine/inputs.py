@@ -96,9 +96,10 @@ class StatsInputs:
     """Each expert's statistics folder (data-aware methods), opened as one more checkpoint of the plan."""
 
     def __init__(self, loaded: LoadedRecipe, method: MergeMethod, checkpoints: list[TensorSource],
-                 index: dict[str, int], warnings: list[str]) -> None:
+                 index: dict[str, int], warnings: list[str], *, allow_external_files: bool = False) -> None:
         self.loaded, self.method, self.checkpoints, self.index, self.warnings = (
             loaded, method, checkpoints, index, warnings)
+        self.allow_external_files = allow_external_files
         self.kind: str | None = None  # the kind of statistics every expert brings
         self.of_expert: dict[int, int] = {}  # expert checkpoint -> its statistics checkpoint
         self.meta: dict[int, dict[str, Any]] = {}  # statistics checkpoint -> its moerge_stats.json
@@ -118,7 +119,7 @@ class StatsInputs:
                 folder = resolve_reference(e.stats)
             except MoergeError as err:
                 raise PlanError(f"{self.loaded.where('models', i, 'stats')}: {err.message}") from None
-            meta = read_meta(folder, hint=f"compute statistics with `moerge stats {m.stats[0]} MODEL --data TASK "
+            meta = read_meta(folder, allow_external_files=self.allow_external_files, hint=f"compute statistics with `moerge stats {m.stats[0]} MODEL --data TASK "
                              "--out DIR`")
             kind = meta.get("kind")
             if kind not in m.stats or kind not in STAT_KINDS:
@@ -141,7 +142,7 @@ class StatsInputs:
                         hint=f"recompute them: moerge stats {kind} {e.model} --data TASK --out {folder} --force")
             self.of_expert[expert] = len(self.checkpoints)
             self.meta[len(self.checkpoints)] = meta
-            self.checkpoints.append(open_source(folder))
+            self.checkpoints.append(open_source(folder, allow_external_files=self.allow_external_files))
 
     def refs(self, name: str, shape: tuple[int, ...], experts: list[int]) -> list[tuple[InputRef, ...]] | None:
         """The statistics tensors of one weight, per expert; None if no expert has them."""

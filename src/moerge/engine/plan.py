@@ -95,7 +95,8 @@ class _Layout:
 
 
 class _Planner:
-    def __init__(self, loaded: LoadedRecipe, *, allow_pickle: bool = False) -> None:
+    def __init__(self, loaded: LoadedRecipe, *, allow_pickle: bool = False,
+                 allow_external_files: bool = False) -> None:
         self.loaded = loaded
         self.recipe = loaded.recipe
         self.method = recipe_method(loaded)
@@ -103,7 +104,8 @@ class _Planner:
         self.checkpoints: list[TensorSource] = []
         try:
             for ref in self.refs:
-                self.checkpoints.append(open_source(ref, allow_pickle=allow_pickle))
+                self.checkpoints.append(open_source(ref, allow_pickle=allow_pickle,
+                                                    allow_external_files=allow_external_files))
         except BaseException:
             for c in self.checkpoints:
                 c.close()
@@ -113,7 +115,8 @@ class _Planner:
         self.n_models = len(self.checkpoints)  # the statistics folders opened later come after the models
         self.params = RecipeParameters(loaded, self.method, self.warnings)
         self.inputs = InputChecks(loaded, self.method, self.checkpoints, self.warnings)
-        self.stats = StatsInputs(loaded, self.method, self.checkpoints, self.index, self.warnings)
+        self.stats = StatsInputs(loaded, self.method, self.checkpoints, self.index, self.warnings,
+                                 allow_external_files=allow_external_files)
 
     # -- building -----------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -375,10 +378,11 @@ class _Planner:
         )
 
 
-def make_plan(loaded: LoadedRecipe, *, allow_pickle: bool = False) -> Plan:
+def make_plan(loaded: LoadedRecipe, *, allow_pickle: bool = False, allow_external_files: bool = False) -> Plan:
     """Open the recipe's checkpoints and plan every output tensor (no tensor data is read). The
-    caller closes the plan; when planning fails, every checkpoint it opened is closed here."""
-    planner = _Planner(loaded, allow_pickle=allow_pickle)
+    caller closes the plan; when planning fails, every checkpoint it opened is closed here.
+    ``allow_external_files``: the models' files may lie outside their folders (links to another disk)."""
+    planner = _Planner(loaded, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
     try:
         return planner.plan()
     except BaseException:

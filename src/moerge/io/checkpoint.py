@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moerge.errors import CheckpointError
+from moerge.io.containment import member
 from moerge.io.safetensors_format import SafetensorsReader, TensorEntry
 from moerge.io.sources import (
     NamedTensors,
@@ -43,8 +44,10 @@ class Checkpoint(NamedTensors):
     Use :meth:`open`. Reading a tensor touches only that tensor's bytes.
     """
 
-    def __init__(self, ref: str, root: Path, infos: dict[str, TensorInfo], readers: dict[Path, Any]):
+    def __init__(self, ref: str, root: Path, infos: dict[str, TensorInfo], readers: dict[Path, Any], *,
+                 allow_external_files: bool = False):
         self.ref = ref
+        self.allow_external_files = allow_external_files
         self.root = root
         self.infos = infos
         self._readers = readers
@@ -53,39 +56,50 @@ class Checkpoint(NamedTensors):
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> TensorSource:
+    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False,
+             allow_external_files: bool = False) -> TensorSource:
         """Open any tensor source, as :func:`open_source` (a PEFT adapter folder gives its LoRA view)."""
-        return open_source(ref, allow_pickle=allow_pickle)
+        return open_source(ref, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
 
     @classmethod
-    def open_weights(cls, path: Path, ref: str, *, allow_pickle: bool = False) -> Checkpoint:
-        """Open the weights of a model folder, a weights file or a cached hub model."""
-        root = path if path.is_dir() else path.parent
-        if path.is_file():
-            if path.suffix == ".safetensors":
-                return cls._from_safetensors(str(ref), root, [path])
-            if path.suffix in (".bin", ".pt", ".pth"):
-                return cls._from_pickle(str(ref), root, [path], allow_pickle)
+    def open_weights(cls, path: Path, ref: str, *, allow_pickle: bool = False,
+                     allow_external_files: bool = False) -> Checkpoint:
+        """Open the weights of a model folder, a weights file or a cached hub model. Every file a folder
+        names or holds must lie inside it (:mod:`moerge.io.containment`) unless ``allow_external_files``."""
+        if path.is_dir():
+            opened = cls._open_folder(path, str(ref), allow_pickle, allow_external_files)
+        elif path.is_file() and path.suffix == ".safetensors":  # a file the user named: taken as given
+            opened = cls._from_safetensors(str(ref), path.parent, [path])
+        elif path.is_file() and path.suffix in (".bin", ".pt", ".pth"):
+            opened = cls._from_pickle(str(ref), path.parent, [path], allow_pickle)
+        else:
             raise CheckpointError(f"{path}: not a checkpoint (expected a .safetensors file or a model directory)")
-        if (path / SAFE_INDEX).is_file():
-            weight_map = cls._weight_map(path / SAFE_INDEX)
-            ck = cls._from_safetensors(str(ref), root, cls._shards(path / SAFE_INDEX, weight_map))
+        opened.allow_external_files = allow_external_files
+        return opened
+
+    @classmethod
+    def _open_folder(cls, path: Path, ref: str, allow_pickle: bool, external: bool) -> Checkpoint:
+        def inside(name: str, named_by: Path | None = None) -> Path | None:
+            return member(path, name, named_by=named_by, allow_external_files=external)
+
+        if index := inside(SAFE_INDEX):
+            weight_map = cls._weight_map(index)
+            ck = cls._from_safetensors(ref, path, cls._shards(index, weight_map, external))
             try:
-                ck._check_index(path / SAFE_INDEX, weight_map)
+                ck._check_index(index, weight_map)
             except BaseException:
                 ck.close()
                 raise
             return ck
-        if (path / SAFE_SINGLE).is_file():
-            return cls._from_safetensors(str(ref), root, [path / SAFE_SINGLE])
-        others = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
-        if others:
-            return cls._from_safetensors(str(ref), root, others)
-        if (path / BIN_INDEX).is_file():
-            index = path / BIN_INDEX
-            return cls._from_pickle(str(ref), root, cls._shards(index, cls._weight_map(index)), allow_pickle)
-        if (path / BIN_SINGLE).is_file():
-            return cls._from_pickle(str(ref), root, [path / BIN_SINGLE], allow_pickle)
+        if single := inside(SAFE_SINGLE):
+            return cls._from_safetensors(ref, path, [single])
+        others = [inside(p.name) for p in sorted(path.glob("*.safetensors")) if not p.name.startswith(".")]
+        if any(others):
+            return cls._from_safetensors(ref, path, [p for p in others if p is not None])
+        if index := inside(BIN_INDEX):
+            return cls._from_pickle(ref, path, cls._shards(index, cls._weight_map(index), external), allow_pickle)
+        if single := inside(BIN_SINGLE):
+            return cls._from_pickle(ref, path, [single], allow_pickle)
         raise CheckpointError(
             f"{path}: no model weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or *.safetensors)"
         )
@@ -100,12 +114,14 @@ class Checkpoint(NamedTensors):
         return weight_map
 
     @staticmethod
-    def _shards(index_path: Path, weight_map: dict[str, str]) -> list[Path]:
-        """The shard files the index names, in order of first mention; each must exist."""
-        paths = [index_path.parent / f for f in dict.fromkeys(weight_map.values())]
-        for p in paths:
-            if not p.is_file():
-                raise CheckpointError(f"{index_path}: lists shard {p.name}, which does not exist")
+    def _shards(index_path: Path, weight_map: dict[str, str], allow_external_files: bool) -> list[Path]:
+        """The shard files the index names, in order of first mention; each must exist inside the folder."""
+        paths = []
+        for name in dict.fromkeys(weight_map.values()):
+            p = member(index_path.parent, name, named_by=index_path, allow_external_files=allow_external_files)
+            if p is None:
+                raise CheckpointError(f"{index_path}: lists shard {name}, which does not exist")
+            paths.append(p)
         return paths
 
     def _check_index(self, index_path: Path, weight_map: dict[str, str]) -> None:
@@ -182,8 +198,8 @@ class Checkpoint(NamedTensors):
     def config(self) -> dict[str, Any] | None:
         """The parsed ``config.json`` beside the weights, or None."""
         if self._config is None:
-            p = self.root / "config.json"
-            if p.is_file():
+            p = self.side_file("config.json")
+            if p is not None:
                 self._config = read_json_object(p)
         return self._config
 
@@ -227,24 +243,27 @@ class Checkpoint(NamedTensors):
         return f"Checkpoint({self.ref!r}, {len(self.infos)} tensors, {len(self._readers)} files)"
 
 
-def open_source(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> TensorSource:
+def open_source(ref: str | os.PathLike[str], *, allow_pickle: bool = False,
+                allow_external_files: bool = False) -> TensorSource:
     """The tensor source at ``ref`` (a path, or ``org/name[@revision]`` in the local Hugging Face cache):
     a PEFT LoRA adapter folder is read as base + scale·B·A (its base opened the same way), anything
-    else as a checkpoint of weights files. Nothing is downloaded and no remote code runs."""
+    else as a checkpoint of weights files. Nothing is downloaded and no remote code runs, and no file
+    outside the folder is read unless ``allow_external_files`` (see :mod:`moerge.io.containment`)."""
     from moerge.io.lora_view import LoraView
     from moerge.io.peft import PeftAdapter
 
     path = resolve_reference(ref)
     if not is_adapter_folder(path):
-        return Checkpoint.open_weights(path, str(ref), allow_pickle=allow_pickle)
-    adapter = PeftAdapter(path)
+        return Checkpoint.open_weights(path, str(ref), allow_pickle=allow_pickle,
+                                       allow_external_files=allow_external_files)
+    adapter = PeftAdapter(path, allow_external_files=allow_external_files)
     try:
         try:
             base_path = resolve_reference(adapter.base_ref)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: the adapter's base model {adapter.base_ref!r} is not available locally",
                                   hint=e.hint) from None
-        base = open_source(base_path, allow_pickle=allow_pickle)
+        base = open_source(base_path, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
     except BaseException:
         adapter.close()
         raise

@@ -36,6 +36,7 @@ class LoraView(NamedTensors):
         self.adapter = adapter
         self.base = base
         self.root = base.root
+        self.allow_external_files = base.allow_external_files
         self.folder = adapter.folder
         self.infos = self._infos()
 

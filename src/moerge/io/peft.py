@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moerge.errors import CheckpointError
+from moerge.io.containment import member
 from moerge.io.safetensors_format import SafetensorsReader
 from moerge.io.sources import ADAPTER_CONFIG
 from moerge.io.untrusted import expect, read_json_object
@@ -52,8 +53,10 @@ def _fullmatch(pattern: str, text: str) -> bool:
         raise CheckpointError(f"the adapter's pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    cfg_path = folder / ADAPTER_CONFIG
+def _read_config(folder: Path, allow_external_files: bool) -> dict[str, Any]:
+    cfg_path = member(folder, ADAPTER_CONFIG, allow_external_files=allow_external_files)
+    if cfg_path is None:
+        raise CheckpointError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
     cfg = read_json_object(cfg_path)
     for key, kind, low in (("r", int, 1), ("lora_alpha", (int, float), None)):
         if key in cfg:
@@ -82,10 +85,10 @@ class PeftAdapter:
     """One LoRA adapter folder: ``pairs`` (adapted weight name → its factors and scale) and ``full``
     (base tensor name → the adapter tensor stored in full: ``modules_to_save``, trained biases)."""
 
-    def __init__(self, folder: Path) -> None:
-        cfg = _read_config(folder)
-        weights = folder / ADAPTER_WEIGHTS
-        if not weights.is_file():
+    def __init__(self, folder: Path, *, allow_external_files: bool = False) -> None:
+        cfg = _read_config(folder, allow_external_files)
+        weights = member(folder, ADAPTER_WEIGHTS, allow_external_files=allow_external_files)
+        if weights is None:
             bin_file = folder / "adapter_model.bin"
             hint = "convert it to safetensors" if bin_file.exists() else None
             raise CheckpointError(f"{folder}: adapter has no {ADAPTER_WEIGHTS}", hint=hint)

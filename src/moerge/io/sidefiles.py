@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moerge.io.sources import TensorSource
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -34,8 +37,9 @@ def output_config(config: dict[str, Any] | None, dtype: str | None, num_layers: 
     return cfg
 
 
-def tokenizer_files(root: Path) -> list[Path]:
-    return [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
+def tokenizer_files(source: TensorSource) -> list[Path]:
+    """The tokenizer files beside ``source``'s weights, each checked to lie inside its folder."""
+    return [p for f in TOKENIZER_FILES if (p := source.side_file(f)) is not None]
 
 
 def model_card(*, method: Any, recipe_text: str, conventions: str, inputs: list[str],

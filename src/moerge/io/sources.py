@@ -46,6 +46,7 @@ class TensorSource(Protocol):
     ref: str  # what the user named
     root: Path  # the folder whose config.json and tokenizer files go with the tensors
     infos: dict[str, TensorInfo]
+    allow_external_files: bool  # whether its files may lie outside its folder (moerge.io.containment)
 
     @property
     def files(self) -> list[Path]: ...
@@ -53,6 +54,7 @@ class TensorSource(Protocol):
     def tensor_names(self) -> list[str]: ...
     @property
     def config(self) -> dict[str, Any] | None: ...
+    def side_file(self, name: str) -> Path | None: ...
     def __contains__(self, name: str) -> bool: ...
     def info(self, name: str) -> TensorInfo: ...
     def entry(self, name: str) -> TensorEntry | None: ...
@@ -72,12 +74,21 @@ class NamedTensors(ABC):
     """What a source derives from its ``infos`` (name → :class:`TensorInfo`) and its ``files``."""
 
     ref: str
+    root: Path
     infos: dict[str, TensorInfo]
+    allow_external_files: bool = False
 
     @property
     @abstractmethod
     def files(self) -> list[Path]:
         """Every file the source reads."""
+
+    def side_file(self, name: str) -> Path | None:
+        """``root / name`` (``config.json``, a tokenizer file) when it is there, checked to lie inside the
+        model folder (:func:`moerge.io.containment.member`); None when there is none."""
+        from moerge.io.containment import member
+
+        return member(self.root, name, allow_external_files=self.allow_external_files)
 
     @property
     def tensor_names(self) -> list[str]:

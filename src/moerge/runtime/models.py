@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moerge.io.containment import member
 from moerge.io.sources import is_adapter_folder
 
 
@@ -44,12 +45,28 @@ def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     return h.hexdigest()
 
 
+def check_files(folder: Path) -> None:
+    """Before ``transformers`` reads ``folder``: its weights, index, config and tokenizer files (and its
+    base's, for an adapter) are regular files inside their folders, and none is a pickle
+    (:mod:`moerge.io.containment`); ``from_pretrained`` itself would follow any of them anywhere."""
+    from moerge.io.checkpoint import open_source
+    from moerge.io.sidefiles import TOKENIZER_FILES
+
+    with open_source(folder) as source:
+        for name in ("config.json", *TOKENIZER_FILES):
+            source.side_file(name)
+        if is_adapter_folder(folder):
+            for name in TOKENIZER_FILES:
+                member(folder, name)
+
+
 def load_model(folder: Path, track: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a full folder or a PEFT adapter folder (merged into its base), float32, in
     eval mode. ``track``: ``decoder`` (a causal LM with its head) or ``encoder`` (the bare encoder)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     cls = AutoModelForCausalLM if track == "decoder" else AutoModel
+    check_files(folder)
     if is_adapter_folder(folder):
         from peft import PeftModel
 

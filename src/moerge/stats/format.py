@@ -19,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moerge.errors import PlanError
+from moerge.errors import MoergeError, PlanError
+from moerge.io.containment import member
 from moerge.io.untrusted import read_json_object
 
 META = "moerge_stats.json"
@@ -42,10 +43,13 @@ def part_shapes(kind: str, shape: tuple[int, ...]) -> list[tuple[int, ...]] | No
     return [(shape[1], shape[1]), (shape[0], shape[0])][: len(PARTS[kind])]
 
 
-def read_meta(folder: Path, hint: str | None = None) -> dict[str, Any]:
-    """The parsed ``moerge_stats.json`` of a statistics folder."""
-    path = folder / META
-    if not path.exists():
+def read_meta(folder: Path, hint: str | None = None, *, allow_external_files: bool = False) -> dict[str, Any]:
+    """The parsed ``moerge_stats.json`` of a statistics folder (inside it, see :mod:`moerge.io.containment`)."""
+    try:
+        path = member(folder, META, allow_external_files=allow_external_files)
+    except MoergeError as e:
+        raise PlanError(e.message, hint=e.hint) from None
+    if path is None:
         raise PlanError(f"{folder}: not a statistics folder (no {META})", hint=hint)
     return read_json_object(path, error=PlanError)
 
