@@ -416,7 +416,7 @@ def test_failed_plans_and_merges_close_every_checkpoint(llama, tmp_path, monkeyp
         opened.clear()
         with pytest.raises(error):
             moerge.merge(recipe("ties", llama["base"], models), tmp_path / "out")
-        assert opened and all(r._fd is None for r in opened), error.__name__
+        assert opened and not any(r.is_open for r in opened), error.__name__
     assert not (tmp_path / "out").exists()
 
 

@@ -30,6 +30,7 @@ from moerge import native
 from moerge.engine.items import InputRef, WorkItem
 from moerge.engine.plan import Plan
 from moerge.errors import NonFiniteError, PlanError
+from moerge.io.descriptors import mapping_budget
 from moerge.io.writer import ModelWriter
 from moerge.methods.finite import first_nonfinite
 from moerge.methods.protocol import BLOCK, TensorMerger, block_ranges, sample_of, sample_positions
@@ -79,7 +80,7 @@ class _Inputs:
 
 
 class _Reader:
-    def __init__(self, plan: Plan, device: torch.device, allow_nonfinite: bool) -> None:
+    def __init__(self, plan: Plan, device: torch.device, allow_nonfinite: bool, workers: int = 1) -> None:
         self.plan = plan
         self.device = device
         self.allow_nonfinite = allow_nonfinite
@@ -90,6 +91,8 @@ class _Reader:
         self._lock = threading.Lock()
         self.native = device.type == "cpu" and native.available()
         self._buffers = threading.local()
+        # each mapped input holds a file descriptor while its item runs: bounded, with every worker's share
+        self.max_mapped = mapping_budget() // max(workers, 1)
 
     def raw(self, ref: InputRef, start: int = 0, count: int | None = None, slot: int | None = None) -> torch.Tensor:
         """A tensor (or a flat element range of it) in its stored dtype, on the CPU. With ``slot``, the
@@ -124,12 +127,12 @@ class _Reader:
 
     def maps(self, item: WorkItem) -> bool:
         """Whether ``item``'s inputs are mapped whole from the page cache rather than read block by
-        block: for the native kernels (which read them in place), when they fit :data:`MAP_LIMIT`.
-        Each pass then reads the page cache directly, with no copy and no system call per block."""
+        block: for the native kernels (which read them in place), when they fit :data:`MAP_LIMIT` and
+        the descriptor budget (:func:`moerge.io.descriptors.mapping_budget`). Each pass then reads the page cache directly, with no copy and no system call per block."""
         if not self.native or item.row_fix or item.copy_from is not None:
             return False
         refs = _refs(item)
-        if not all(self.plan.checkpoints[r.model].mappable(r.tensor) for r in refs):
+        if len(refs) > self.max_mapped or not all(self.plan.checkpoints[r.model].mappable(r.tensor) for r in refs):
             return False
         infos = [self.plan.checkpoints[r.model].info(r.tensor) for r in refs]
         if self.load_dtype is not None and any(getattr(torch, i.dtype) != self.load_dtype for i in infos):
@@ -392,10 +395,10 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
     largest tensor's, or 512 MB if more).
     """
     dev = resolve_device(device)
-    reader = _Reader(plan, dev, allow_nonfinite)
+    n_workers = workers or (1 if dev.type == "cuda" else 2)
+    reader = _Reader(plan, dev, allow_nonfinite, n_workers)
     costs = [_item_cost(reader, i, block) for i in plan.items]
     budget = memory_budget or max(max(costs, default=0), 512 << 20)
-    n_workers = workers or (1 if dev.type == "cuda" else 2)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the loop allocates many small short-lived objects and no cycles; collections cost ~5%
     try:

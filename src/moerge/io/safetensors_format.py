@@ -12,7 +12,6 @@ we are done with stop counting against the process's resident memory.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moerge.errors import CheckpointError
+from moerge.io.descriptors import POOL
 from moerge.io.untrusted import parse_json
 
 if TYPE_CHECKING:
@@ -158,41 +158,35 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], tu
 
 
 class SafetensorsReader:
-    """Lazy reader of one safetensors file: parses the header, reads tensors on demand."""
+    """Lazy reader of one safetensors file: parses the header, reads tensors on demand. Its descriptor
+    is borrowed from the process's bounded pool for each read (:mod:`moerge.io.descriptors`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.entries, self.metadata, self.identity = parse_header(self.path)
-        self._fd: int | None = None
 
-    def _fileno(self, name: str | None = None) -> int:
-        """The file's descriptor, opened on first use and checked to be the file whose header was read: a
-        shard replaced or rewritten after planning would otherwise be read at the old header's offsets.
-        ``name``: the tensor about to be read, named in the error."""
-        if self._fd is None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-            except OSError as e:
-                if e.errno == errno.EMFILE:
-                    raise CheckpointError(f"{self.path}: too many open files ({e.strerror})",
-                                          hint="raise the limit (ulimit -n) or merge fewer sharded models at "
-                                          "once") from None
-                raise CheckpointError(f"{self.path}: cannot open ({e.strerror or e})") from None
-            now = os.fstat(fd)
-            if identity(now) != self.identity:
-                os.close(fd)
-                short = name is not None and now.st_size < self.entries[name].end
-                what = f"file shorter than its header says (tensor {name!r}): " if short else ""
-                raise CheckpointError(f"{self.path}: {what}changed since its header was read (replaced, "
-                                      "rewritten or truncated while in use); nothing was written from it",
-                                      hint="run again once the file no longer changes")
-            self._fd = fd
-        return self._fd
+    def open_checked(self, name: str | None = None) -> int:
+        """A new descriptor of the file, checked to be the file whose header was read: a shard replaced or
+        rewritten after planning would otherwise be read at the old header's offsets. ``name``: the tensor
+        about to be read, named in the error. Failing to open raises the OSError (the pool handles it)."""
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        now = os.fstat(fd)
+        if identity(now) != self.identity:
+            os.close(fd)
+            short = name is not None and now.st_size < self.entries[name].end
+            what = f"file shorter than its header says (tensor {name!r}): " if short else ""
+            raise CheckpointError(f"{self.path}: {what}changed since its header was read (replaced, "
+                                  "rewritten or truncated while in use); nothing was written from it",
+                                  hint="run again once the file no longer changes")
+        return fd
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the pool holds a descriptor of this file."""
+        return POOL.holds(self)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        POOL.forget(self)
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -228,14 +222,14 @@ class SafetensorsReader:
         import torch
 
         entry = self.entries[name]
-        fd = self._fileno(name)
-        if os.fstat(fd).st_size < entry.end:  # a mapping past the end of a file faults (SIGBUS)
-            raise CheckpointError(f"{self.path}: file shorter than its header says (tensor {name!r})")
         nbytes = entry.end - entry.begin
         if nbytes == 0:
             return torch.empty(0, dtype=getattr(torch, entry.dtype))
         lead = entry.begin % mmap.ALLOCATIONGRANULARITY
-        mm = mmap.mmap(fd, nbytes + lead, offset=entry.begin - lead, access=mmap.ACCESS_COPY)
+        with POOL.use(self, name) as fd:  # the map keeps a duplicate of the descriptor; this one goes back
+            if os.fstat(fd).st_size < entry.end:  # a mapping past the end of a file faults (SIGBUS)
+                raise CheckpointError(f"{self.path}: file shorter than its header says (tensor {name!r})")
+            mm = mmap.mmap(fd, nbytes + lead, offset=entry.begin - lead, access=mmap.ACCESS_COPY)
         try:  # fill the page tables in one call instead of a fault per 64 KiB (Linux >= 5.14)
             mm.madvise(MADV_POPULATE_READ)
         except (AttributeError, OSError, ValueError):  # no madvise (Windows), or an older kernel
@@ -260,12 +254,13 @@ class SafetensorsReader:
 
     def _pread(self, name: str, view: memoryview, offset: int) -> None:
         """Fill ``view`` from the file at ``offset``."""
-        got, nbytes, fd = 0, len(view), self._fileno(name)
-        while got < nbytes:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise CheckpointError(f"{self.path}: unexpected end of file while reading tensor {name!r}")
-            got += n
+        got, nbytes = 0, len(view)
+        with POOL.use(self, name) as fd:
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: unexpected end of file while reading tensor {name!r}")
+                got += n
 
 
 def build_header(
