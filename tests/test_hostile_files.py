@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,43 @@ def test_a_file_rewritten_in_place_after_its_header_was_read(llama, tmp_path):
     with pytest.raises(CheckpointError, match="changed since its header was read"):
         ck.read(ck.tensor_names[0])
     ck.close()
+
+
+_TRUNCATE_WHILE_MAPPED = """
+import os, sys
+from pathlib import Path
+import moerge.io.safetensors_format as st
+from moerge.cli import main
+
+real_map, done = st.SafetensorsReader.map, []
+
+def map_then_truncate(self, name):
+    t = real_map(self, name)
+    if not done and t.numel() >= 1024 and "ft1" in str(self.path):  # another process cuts the file short
+        done.append(1)
+        os.truncate(self.path, 4096)
+    return t
+
+st.SafetensorsReader.map = map_then_truncate
+sys.argv = ["moerge", "merge", sys.argv[1], sys.argv[2]]
+main()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGBUS as on Linux")
+def test_an_input_truncated_while_mapped_is_a_message_not_a_bare_bus_error(llama, tmp_path):
+    from moerge import native
+
+    if not native.available():
+        pytest.skip("inputs are only mapped for the native kernels")
+    work = shutil.copytree(llama["ft1"], tmp_path / "ft1")
+    rec = tmp_path / "r.yaml"
+    rec.write_text(json.dumps(recipe("task_arithmetic", llama["base"], [work])))
+    proc = subprocess.run([sys.executable, "-c", _TRUNCATE_WHILE_MAPPED, str(rec), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 135, (proc.returncode, proc.stderr[-2000:])  # 128 + SIGBUS, like the signal
+    assert "shrank or became unreadable while moerge had it mapped" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    shutil.copy(llama["ft1"] / "model.safetensors", work / "model.safetensors")  # the file is whole again
+    moerge.merge(recipe("task_arithmetic", llama["base"], [work]), tmp_path / "out")  # the rerun succeeds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1", "out", "r.yaml"]  # its temporary removed

@@ -14,6 +14,7 @@ block per input), so peak memory stays flat whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import queue
@@ -401,8 +402,12 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
     budget = memory_budget or max(max(costs, default=0), 512 << 20)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the loop allocates many small short-lived objects and no cycles; collections cost ~5%
+    bus = (f"error: an input file shrank or became unreadable while moerge had it mapped (bus error); the "
+           f"merge stopped and nothing was published (its temporary folder {writer.tmp} is removed by the "
+           "next run into the same folder)\nhint: do not modify the inputs while a merge reads them\n")
     try:
-        return _execute(plan, writer, reader, dev, n_workers, block, budget, costs, progress)
+        with native.bus_error_message(bus) if reader.native else contextlib.nullcontext():
+            return _execute(plan, writer, reader, dev, n_workers, block, budget, costs, progress)
     finally:
         if gc_was_enabled:
             gc.enable()

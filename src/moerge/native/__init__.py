@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from ctypes import POINTER, c_double, c_float, c_int, c_int64, c_uint8, c_uint32, c_uint64, c_void_p
@@ -67,6 +68,10 @@ def _lib() -> ctypes.CDLL | None:
     u32p = POINTER(ctypes.c_uint32)
     lib.mk_bracket.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, c_int, u32p, u32p, i64p,
                                POINTER(c_void_p), c_int64]
+    lib.mk_bus_guard.argtypes = [ctypes.c_char_p]
+    lib.mk_bus_guard.restype = c_int
+    lib.mk_bus_unguard.argtypes = []
+    lib.mk_bus_unguard.restype = c_int
     for f in (lib.mk_hist_hi, lib.mk_hist_lo, lib.mk_dare_l1, lib.mk_tv_emit, lib.mk_linear_emit, lib.mk_gram,
               lib.mk_bracket):
         f.restype = c_int64
@@ -90,6 +95,34 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _disabled = before
+
+
+_bus_lock = threading.Lock()
+_bus_users = 0
+
+
+@contextmanager
+def bus_error_message(message: str) -> Iterator[None]:
+    """While inside, a bus error (an input that shrank while mapped) ends the process with ``message`` on
+    standard error and exit status 135 instead of a bare "Bus error" (see ``mk_bus_guard`` in
+    kernels.c); the signal's previous disposition is restored after the last user leaves. Inputs are
+    mapped only when the kernels are available, so without them there is nothing to guard."""
+    global _bus_users
+    lib = _lib()
+    if lib is None or not hasattr(lib, "mk_bus_guard"):
+        yield
+        return
+    with _bus_lock:
+        if _bus_users == 0:
+            lib.mk_bus_guard(message.encode("utf-8", "replace")[:1023])
+        _bus_users += 1
+    try:
+        yield
+    finally:
+        with _bus_lock:
+            _bus_users -= 1
+            if _bus_users == 0:
+                lib.mk_bus_unguard()
 
 
 def _lib_or_raise() -> ctypes.CDLL:

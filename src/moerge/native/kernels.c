@@ -525,6 +525,44 @@ MULTIVERSION EXPORT int64_t mk_gram(const void *base, int dtb, const void *const
     return nf;
 }
 
+/* A bus error (SIGBUS) is what touching a mapped page past the end of a file that shrank after it was
+ * mapped gives (or an I/O error under a mapping). Python cannot handle it: its handler would return to
+ * the faulting instruction forever. While moerge maps inputs, this handler writes the message it was
+ * given (async-signal-safe write) and ends the process with 128 + SIGBUS, as the signal would, instead of
+ * a bare "Bus error". The output is published atomically, so nothing torn is left. */
+#ifndef _WIN32
+#include <signal.h>
+#include <unistd.h>
+static char bus_msg[1024];
+static size_t bus_len;
+static struct sigaction bus_before;
+
+static void on_bus(int sig) {
+    if (bus_len) {
+        ssize_t r = write(2, bus_msg, bus_len);
+        (void)r;
+    }
+    _exit(128 + sig);
+}
+
+EXPORT int mk_bus_guard(const char *msg) {
+    size_t n = strlen(msg);
+    if (n > sizeof bus_msg) n = sizeof bus_msg;
+    memcpy(bus_msg, msg, n);
+    bus_len = n;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_bus;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGBUS, &sa, &bus_before);
+}
+
+EXPORT int mk_bus_unguard(void) { return sigaction(SIGBUS, &bus_before, NULL); }
+#else
+EXPORT int mk_bus_guard(const char *msg) { (void)msg; return -1; }
+EXPORT int mk_bus_unguard(void) { return -1; }
+#endif
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
                                     "moerge native kernels (loaded through ctypes)", -1, NULL};
 
