@@ -158,3 +158,29 @@ def test_an_output_that_cannot_be_replaced_is_a_clear_error(tmp_path, monkeypatc
         (pub.tmp / "new.txt").write_text("new")
         pub.commit()
     assert _siblings(out) == ["old.txt"] and _siblings(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("target", ["folder", "dangling"])
+def test_an_output_that_is_a_link_is_published_where_it_points(tmp_path, target):
+    disk = tmp_path / "other-disk"
+    disk.mkdir()
+    if target == "folder":
+        (disk / "out").mkdir()
+        (disk / "out" / "old.txt").write_text("old")
+    (tmp_path / "out").symlink_to(disk / "out")
+    with Publication(tmp_path / "out", force=True) as pub:
+        assert pub.tmp.parent == disk  # beside the target, on its disk: the rename stays atomic
+        (pub.tmp / "new.txt").write_text("new")
+        assert pub.commit() == tmp_path / "out"
+    assert (tmp_path / "out").is_symlink() and _siblings(tmp_path / "out") == ["new.txt"]
+    assert _siblings(disk) == ["out"] and _siblings(tmp_path) == ["other-disk", "out"]  # nothing stray
+
+
+def test_a_link_left_in_place_of_an_old_output_is_removed_as_a_link(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("keep")
+    stale = tmp_path / f".out{publish.TMP_MARK}999999999-abc123"
+    stale.symlink_to(real)  # what an older moerge could leave behind after --force onto a link
+    clean_stale_temp_dirs(tmp_path / "out")
+    assert not stale.is_symlink() and (real / "keep.txt").read_text() == "keep"  # never followed

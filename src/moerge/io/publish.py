@@ -65,9 +65,17 @@ def clean_stale_temp_dirs(out_dir: Path) -> list[Path]:
             if not out_dir.exists():
                 os.rename(p, out_dir)  # a crash between the two renames of a forced replacement
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
         removed.append(p)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, or a link or file that took a folder's place."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -107,7 +115,10 @@ class Publication:
     without a commit (an error, Ctrl-C) removes everything written, and the output path is untouched."""
 
     def __init__(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> None:
-        self.out_dir = Path(out_dir)
+        self.named = Path(out_dir)
+        # an output that is a link (to a folder on another disk, say) is published where it points: the
+        # link stays and shows the new folder, and the temporary sits beside the target, on its disk
+        self.out_dir = Path(os.path.realpath(self.named)) if self.named.is_symlink() else self.named
         self.force = force
         if self.out_dir.exists() and not force:
             raise OutputError(f"{self.out_dir} already exists", hint="pass --force to replace it")
@@ -148,8 +159,8 @@ class Publication:
         _fsync_path(self.out_dir.parent)
         self.done = True
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return self.out_dir
+            _remove(trash)
+        return self.named
 
     def _swap_in(self) -> Path | None:
         """Rename the temporary folder to the output; returns the previous output's folder, to delete."""
