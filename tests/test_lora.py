@@ -188,3 +188,17 @@ def test_a_killed_lora_rank_merge_does_not_block_the_next_one(adapters: dict[str
     res = merge(recipe, tmp_path / "adapter", lora_rank=6)  # no --force needed
     assert res.output == tmp_path / "adapter" and (res.output / "adapter_config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the stale staging folder is gone
+
+
+def test_a_rank_above_every_layers_full_rank_is_refused_up_front(adapters: dict[str, Path], tmp_path: Path) -> None:
+    from moerge.api import merge
+    from moerge.errors import MoergeError
+    from moerge.extract import extract_lora
+
+    # the widest layer of the tiny model is 32 wide: rank 33 would only pad zeros (10**6 filled the disk)
+    with pytest.raises(MoergeError, match=r"rank 33 is above the full rank of every layer .*\(the largest is 32\)"):
+        extract_lora(adapters["a1"], adapters["base"], tmp_path / "x", rank=33)
+    recipe = f"method: task_arithmetic\nbase_model: {adapters['base']}\nmodels: [{adapters['a1']}]\n"
+    with pytest.raises(MoergeError, match="rank 1000000 is above"):
+        merge(recipe, tmp_path / "y", lora_rank=10**6)
+    assert not list(tmp_path.iterdir())

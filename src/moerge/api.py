@@ -73,7 +73,7 @@ def merge(
         size = parse_size(shard_size)
         check_not_an_input(final, [f for c in plan.checkpoints for f in c.files])
         if lora_rank is not None:
-            out = _lora_staging(plan, final, force)
+            out = _lora_staging(plan, final, force, lora_rank)
         if dry_run:
             return MergeResult(None, plan.summary(), time.perf_counter() - t0, warnings=plan.warnings)
         path, stats, notes = _write_merge(plan, out, size=size, force=force or lora_rank is not None,
@@ -86,11 +86,14 @@ def merge(
     return MergeResult(path, summary, time.perf_counter() - t0, notes, plan.warnings)
 
 
-def _lora_staging(plan: Plan, final: Path, force: bool) -> Path:
+def _lora_staging(plan: Plan, final: Path, force: bool, rank: int) -> Path:
     """Where a merge written as a LoRA adapter is first written in full (beside the adapter's folder)."""
+    from moerge.extract import check_rank
+
     if plan.base_index is None:
         raise MoergeError(f"{plan.method.name} has no base model; a LoRA adapter needs one",
                           hint="add base_model to the recipe, or drop --lora-rank")
+    check_rank(rank, [i.shape for i in plan.items], "the merge")
     if final.exists() and not force:
         raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
     # a publication's temporary name (this process's id in it): a run killed here leaves nothing that blocks

@@ -60,6 +60,7 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
     with open_source(model, allow_external_files=allow_external_files) as m, \
             open_source(base, allow_external_files=allow_external_files) as b:
         check_not_an_input(out, m.files + b.files)
+        check_rank(rank, [i.shape for i in b.infos.values()], str(base))
         report, tensors, targets = _factorise_all(m, b, model, base, rank, include_embeddings, progress)
     config = {
         "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
@@ -78,6 +79,17 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
             raise output_error(e, out) from e
         report.output = pub.commit()
     return report
+
+
+def check_rank(rank: int, shapes: list[tuple[int, ...]], where: str) -> None:
+    """Refuse a rank above every layer's full rank: the factors would only be zero-padded (PEFT builds every
+    layer at the adapter's rank), and an absurd rank would fill memory and disk with zeros."""
+    if rank < 1:
+        raise MoergeError(f"rank must be at least 1 (got {rank})")
+    full = max((min(s) for s in shapes if len(s) == 2), default=0)
+    if rank > full:
+        raise MoergeError(f"rank {rank} is above the full rank of every layer of {where} (the largest is {full}); "
+                          f"a rank-{full} adapter already holds the change exactly", hint=f"use a rank of {full} or less")
 
 
 def _factorise_all(m: TensorSource, b: TensorSource, model: object, base: object, rank: int,

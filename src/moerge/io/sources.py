@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moerge.errors import CheckpointError
+from moerge.io.untrusted import read_regular
 
 if TYPE_CHECKING:
     import torch
@@ -166,18 +168,27 @@ def hf_cache_dirs() -> list[Path]:
 
 def resolve_reference(ref: str | os.PathLike[str]) -> Path:
     """Turn a path or ``org/name[@revision]`` into a local path, never downloading."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path
     text = str(ref)
+    shown = text if len(text) <= 200 else f"{text[:100]}…({len(text):,} characters)"
+    if "\x00" in text:
+        raise CheckpointError(f"{shown!r}: not a path (it holds a NUL character)")
+    try:
+        path = Path(ref).expanduser()
+        if path.exists():
+            return path
+    except RuntimeError:  # ~user for a user that does not exist
+        raise CheckpointError(f"{shown}: no such user's home folder") from None
+    except OSError as e:  # a name too long for the file system, a loop of links
+        raise CheckpointError(f"{shown}: not a usable path ({e.strerror or e})") from None
     repo, _, revision = text.partition("@")
     parts = repo.split("/")
-    looks_like_repo = len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+    looks_like_repo = (len(parts) == 2 and all(re.fullmatch(r"[\w.-]{1,96}", p) for p in parts)
+                       and not text.startswith((".", "/", "~")))
     if not looks_like_repo:
-        raise CheckpointError(f"{text}: no such file or directory")
+        raise CheckpointError(f"{shown}: no such file or directory")
     revision = revision or "main"
-    if "/" in revision or revision.startswith("."):
-        raise CheckpointError(f"{text}: invalid revision {revision!r}")
+    if not re.fullmatch(r"[\w.-]{1,128}", revision) or revision.startswith("."):
+        raise CheckpointError(f"{shown}: invalid revision {revision[:100]!r}")
     searched = []
     for cache in hf_cache_dirs():
         root = cache / f"models--{parts[0]}--{parts[1]}"
@@ -185,7 +196,10 @@ def resolve_reference(ref: str | os.PathLike[str]) -> Path:
         if not root.is_dir():
             continue
         ref_file = root / "refs" / revision
-        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+        commit = read_regular(ref_file, max_bytes=4096).decode("utf-8", "replace").strip() \
+            if ref_file.is_file() else revision
+        if not re.fullmatch(r"[\w.-]{1,128}", commit):
+            raise CheckpointError(f"{ref_file}: not a commit hash")
         snap = root / "snapshots" / commit
         if snap.is_dir():
             return snap
