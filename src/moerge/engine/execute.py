@@ -147,6 +147,8 @@ class _Reader:
         refs = _refs(item)
         if self.maps(item):
             mapped = [self.plan.checkpoints[r.model].map(r.tensor) for r in refs]
+            for r, t in zip(refs, mapped):  # a bus error's message names the file
+                native.note_mapping(t, str(self.plan.checkpoints[r.model].info(r.tensor).file))
             with self._lock:
                 self.bytes_read += sum(m.numel() * m.element_size() for m in mapped)
             return _Inputs(item, mapped[0] if item.base is not None else None,
@@ -402,9 +404,9 @@ def execute(plan: Plan, writer: ModelWriter, *, device: str | None = None, allow
     budget = memory_budget or max(max(costs, default=0), 512 << 20)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the loop allocates many small short-lived objects and no cycles; collections cost ~5%
-    bus = (f"error: an input file shrank or became unreadable while moerge had it mapped (bus error); the "
-           f"merge stopped and nothing was published (its temporary folder {writer.tmp} is removed by the "
-           "next run into the same folder)\nhint: do not modify the inputs while a merge reads them\n")
+    bus = (f"shrank or became unreadable while moerge had it mapped (bus error); the merge stopped and "
+           f"nothing was published (its temporary folder {writer.tmp} is removed by the next run into the "
+           "same folder)\nhint: do not modify the inputs while a merge reads them\n")
     try:
         with native.bus_error_message(bus) if reader.native else contextlib.nullcontext():
             return _execute(plan, writer, reader, dev, n_workers, block, budget, costs, progress)

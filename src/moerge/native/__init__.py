@@ -72,6 +72,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mk_bus_guard.restype = c_int
     lib.mk_bus_unguard.argtypes = []
     lib.mk_bus_unguard.restype = c_int
+    lib.mk_bus_note.argtypes = [ctypes.c_size_t, c_uint64, ctypes.c_char_p]
+    lib.mk_bus_note.restype = None
     for f in (lib.mk_hist_hi, lib.mk_hist_lo, lib.mk_dare_l1, lib.mk_tv_emit, lib.mk_linear_emit, lib.mk_gram,
               lib.mk_bracket):
         f.restype = c_int64
@@ -103,9 +105,10 @@ _bus_users = 0
 
 @contextmanager
 def bus_error_message(message: str) -> Iterator[None]:
-    """While inside, a bus error (an input that shrank while mapped) ends the process with ``message`` on
-    standard error and exit status 135 instead of a bare "Bus error" (see ``mk_bus_guard`` in
-    kernels.c); the signal's previous disposition is restored after the last user leaves. Inputs are
+    """While inside, a bus error (an input that shrank while mapped) ends the process with "error: FILE:
+    ``message``" on standard error (FILE as told by :func:`note_mapping`) and exit status 135 instead of a
+    bare "Bus error" (see ``mk_bus_guard`` in kernels.c); the signal's previous disposition is restored
+    after the last user leaves. Inputs are
     mapped only when the kernels are available, so without them there is nothing to guard."""
     global _bus_users
     lib = _lib()
@@ -123,6 +126,14 @@ def bus_error_message(message: str) -> Iterator[None]:
             _bus_users -= 1
             if _bus_users == 0:
                 lib.mk_bus_unguard()
+
+
+def note_mapping(t: torch.Tensor, path: str) -> None:
+    """Tell the bus-error handler that ``t`` (a tensor mapped from a file) lives in ``path``, so that its
+    message names the file that shrank."""
+    lib = _lib()
+    if lib is not None and t.numel():
+        lib.mk_bus_note(t.data_ptr(), t.numel() * t.element_size(), os.fsencode(path)[:511])
 
 
 def _lib_or_raise() -> ctypes.CDLL:

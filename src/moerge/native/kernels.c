@@ -533,15 +533,40 @@ MULTIVERSION EXPORT int64_t mk_gram(const void *base, int dtb, const void *const
 #ifndef _WIN32
 #include <signal.h>
 #include <unistd.h>
+#define BUS_NOTES 4096
+#define BUS_PATH 512
 static char bus_msg[1024];
 static size_t bus_len;
 static struct sigaction bus_before;
+/* The mappings made while guarded, newest last (a ring): the handler names the file of the faulting
+ * address. An address reused by a later mapping is found in the newer note first. */
+static struct {
+    volatile uintptr_t start, end;
+    char path[BUS_PATH];
+} bus_notes[BUS_NOTES];
+static int64_t bus_count;
 
-static void on_bus(int sig) {
-    if (bus_len) {
-        ssize_t r = write(2, bus_msg, bus_len);
-        (void)r;
+static void say(const char *s, size_t n) {
+    ssize_t r = write(2, s, n);
+    (void)r;
+}
+
+static void on_bus(int sig, siginfo_t *info, void *ctx) {
+    (void)ctx;
+    uintptr_t at = (uintptr_t)info->si_addr;
+    const char *path = "an input file";
+    int64_t n = __atomic_load_n(&bus_count, __ATOMIC_ACQUIRE);
+    for (int64_t k = n - 1; k >= 0 && k >= n - BUS_NOTES; k--) {
+        int i = (int)(k % BUS_NOTES);
+        if (bus_notes[i].start <= at && at < bus_notes[i].end) {
+            path = bus_notes[i].path;
+            break;
+        }
     }
+    say("error: ", 7);
+    say(path, strlen(path));
+    say(": ", 2);
+    say(bus_msg, bus_len);
     _exit(128 + sig);
 }
 
@@ -552,15 +577,31 @@ EXPORT int mk_bus_guard(const char *msg) {
     bus_len = n;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_bus;
+    sa.sa_sigaction = on_bus;
+    sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
     return sigaction(SIGBUS, &sa, &bus_before);
 }
 
 EXPORT int mk_bus_unguard(void) { return sigaction(SIGBUS, &bus_before, NULL); }
+
+EXPORT void mk_bus_note(uintptr_t start, uint64_t len, const char *path) {
+    int64_t k = __atomic_fetch_add(&bus_count, 1, __ATOMIC_ACQ_REL);
+    int i = (int)(k % BUS_NOTES);
+    bus_notes[i].start = 0;
+    bus_notes[i].end = 0;
+    size_t n = strlen(path);
+    if (n >= BUS_PATH) n = BUS_PATH - 1;
+    memcpy(bus_notes[i].path, path, n);
+    bus_notes[i].path[n] = 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    bus_notes[i].start = start;
+    bus_notes[i].end = start + len;
+}
 #else
 EXPORT int mk_bus_guard(const char *msg) { (void)msg; return -1; }
 EXPORT int mk_bus_unguard(void) { return -1; }
+EXPORT void mk_bus_note(uintptr_t start, uint64_t len, const char *path) { (void)start; (void)len; (void)path; }
 #endif
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
