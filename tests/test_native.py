@@ -332,3 +332,14 @@ def test_a_bracket_around_a_huge_run_of_one_value_is_not_taken():
         rs.observe_native(p, None, values)
         rs.end_pass(p)
     assert rs.value == [torch.sort(values).values[n // 2].item()]
+
+
+@pytest.mark.parametrize("native_path", [True, False])
+def test_an_empty_breadcrumbs_window_keeps_nothing_of_the_task_vector(native_path):
+    # density so small that ⌊(γ+density)·n⌋ = ⌊γ·n⌋: the window is empty (found by the fuzzer: the
+    # native spec asked for a rank boundary that was never selected), the merge is the base
+    base = torch.arange(200.0) / 7
+    models = [base + torch.linspace(-1, 1, 200), base - torch.linspace(0, 2, 200)]
+    for method in ("breadcrumbs", "breadcrumbs_ties"):
+        out = run(method, base, models, native=native_path, density=[1e-9, 1e-9], gamma=[0.01, 0.01])
+        assert torch.equal(out, base), method

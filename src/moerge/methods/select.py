@@ -196,12 +196,11 @@ class RankWindowMask:
         self.n, self.lo, self.hi = n, lo, hi
         self.empty = hi <= lo  # nothing kept
         wanted = []
-        if self.empty:
-            pass
-        elif lo > 0:
-            wanted.append(lo)  # rank of the first kept element
-        if hi < n:
-            wanted.append(hi - 1)  # rank of the last kept element
+        if not self.empty:  # an empty window needs no statistics (and its ranks may not exist)
+            if lo > 0:
+                wanted.append(lo)  # rank of the first kept element
+            if hi < n:
+                wanted.append(hi - 1)  # rank of the last kept element
         self.select = RankSelect(wanted) if wanted else None
         self.seen_lo_eq = 0
         self.seen_hi_eq = 0
