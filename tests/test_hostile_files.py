@@ -202,3 +202,28 @@ def test_an_input_truncated_while_mapped_is_a_message_not_a_bare_bus_error(llama
     shutil.copy(llama["ft1"] / "model.safetensors", work / "model.safetensors")  # the file is whole again
     moerge.merge(recipe("task_arithmetic", llama["base"], [work]), tmp_path / "out")  # the rerun succeeds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1", "out", "r.yaml"]  # its temporary removed
+
+
+@pytest.mark.parametrize("change", ["rewritten in place", "deleted"])
+def test_an_input_changed_after_it_was_read_is_caught_before_publishing(llama, tmp_path, monkeypatch, change):
+    import moerge.api as api
+
+    work = shutil.copytree(llama["ft1"], tmp_path / "ft1")
+    shard = work / "model.safetensors"
+    real = api._write_side_files
+
+    def side_files_then_change(*args, **kwargs):
+        # every tensor was read through descriptors opened before: they would not notice
+        if change == "deleted":
+            shard.unlink()
+        else:
+            with open(shard, "r+b") as fh:
+                fh.seek(-8, os.SEEK_END)
+                fh.write(b"\x01" * 8)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_write_side_files", side_files_then_change)
+    word = "was deleted" if change == "deleted" else "changed"
+    with pytest.raises(CheckpointError, match=rf"ft1/model\.safetensors: {word} while the merge read it"):
+        moerge.merge(recipe("task_arithmetic", llama["base"], [work]), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1"]

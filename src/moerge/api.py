@@ -122,6 +122,7 @@ def _write_merge(plan: Plan, out: Path, *, size: int, force: bool, device: str |
         check_disk_space(plan, out)
         stats = execute(plan, writer, device=device, allow_nonfinite=allow_nonfinite, progress=on_tensor)
         notes = _write_side_files(plan, writer, stats.notes)
+        plan.check_unchanged()  # every input still the file planned from, or nothing is published
         return writer.commit(), stats, notes
 
 

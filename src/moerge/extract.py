@@ -62,6 +62,8 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
         check_not_an_input(out, m.files + b.files)
         check_rank(rank, [i.shape for i in b.infos.values()], str(base))
         report, tensors, targets = _factorise_all(m, b, model, base, rank, include_embeddings, progress)
+        m.check_unchanged()
+        b.check_unchanged()
     config = {
         "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,

@@ -9,6 +9,7 @@ disk. The executor then only streams.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class Plan:
     def statistics(self) -> list[TensorSource]:
         return self.checkpoints[len(self.models):]
 
+    def check_unchanged(self) -> None:
+        """Raise if an input file changed (rewritten, replaced, deleted) since planning."""
+        for c in self.checkpoints:
+            c.check_unchanged()
+
     def close(self) -> None:
         """Close every checkpoint (their file descriptors and mappings)."""
         for c in self.checkpoints:
@@ -68,8 +74,9 @@ class Plan:
     def output_bytes(self) -> int:
         return sum(i.nbytes for i in self.items)
 
-    @property
+    @functools.cached_property
     def input_bytes(self) -> int:
+        """The inputs' size on disk, taken once (a file deleted mid-merge is reported by check_unchanged)."""
         return sum(c.nbytes() for c in self.checkpoints)
 
     def summary(self) -> dict[str, Any]:
@@ -384,7 +391,9 @@ def make_plan(loaded: LoadedRecipe, *, allow_pickle: bool = False, allow_externa
     ``allow_external_files``: the models' files may lie outside their folders (links to another disk)."""
     planner = _Planner(loaded, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
     try:
-        return planner.plan()
+        plan = planner.plan()
+        _ = plan.input_bytes  # sized now, while every input is the file planned from
+        return plan
     except BaseException:
         for c in planner.checkpoints:
             c.close()

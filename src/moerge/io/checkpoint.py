@@ -234,6 +234,11 @@ class Checkpoint(NamedTensors):
             return reader.read_runs(name, runs)
         return read_runs_one_by_one(self, name, runs)
 
+    def check_unchanged(self) -> None:
+        for r in self._readers.values():
+            if isinstance(r, SafetensorsReader):
+                r.check_unchanged()
+
     def close(self) -> None:
         for r in self._readers.values():
             if isinstance(r, SafetensorsReader):

@@ -127,6 +127,10 @@ class LoraView(NamedTensors):
     def map(self, name: str) -> torch.Tensor:
         raise TypeError(f"{self.ref}: tensor {name!r} is computed from a LoRA adapter, not stored raw")
 
+    def check_unchanged(self) -> None:
+        self.adapter.reader.check_unchanged()
+        self.base.check_unchanged()
+
     def close(self) -> None:
         self.adapter.close()
         self.base.close()

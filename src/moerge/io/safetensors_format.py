@@ -180,6 +180,19 @@ class SafetensorsReader:
                                   hint="run again once the file no longer changes")
         return fd
 
+    def check_unchanged(self) -> None:
+        """Raise unless the file is still the one whose header was read: run before an output made from
+        it is published, so that a file rewritten in place, replaced or deleted while it was being read
+        (which a descriptor already open would not notice) never ends in a silently mixed output."""
+        try:
+            now = identity(os.stat(self.path))
+        except OSError:
+            now = None
+        if now != self.identity:
+            what = "was deleted" if now is None else "changed"
+            raise CheckpointError(f"{self.path}: {what} while the merge read it; nothing was published",
+                                  hint="run again once the file no longer changes")
+
     @property
     def is_open(self) -> bool:
         """Whether the pool holds a descriptor of this file."""
