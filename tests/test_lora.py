@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,41 @@ def test_a_rank_above_every_layers_full_rank_is_refused_up_front(adapters: dict[
     with pytest.raises(MoergeError, match="rank 1000000 is above"):
         merge(recipe, tmp_path / "y", lora_rank=10**6)
     assert not list(tmp_path.iterdir())
+
+
+MODULES = [f"model.layers.{i}.{part}" for i in range(3) for part in
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
+            "mlp.down_proj", "mlp.experts.1.gate_proj")] + ["lm_head", "model.embed_tokens"]
+
+
+@pytest.mark.parametrize("cfg", [
+    {"target_modules": ["q_proj", "v_proj"]},
+    {"target_modules": ["model.layers.0.self_attn.q_proj", "down_proj"]},
+    {"target_modules": r".*\.(q|k)_proj"},
+    {"target_modules": r"model\.layers\.1\..*"},
+    {"target_modules": ["q_proj", "gate_proj"], "layers_to_transform": [1, 2]},
+    {"target_modules": ["q_proj", "gate_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [2], "layers_pattern": ["h", "layers"]},
+    {"target_modules": ["q_proj", "up_proj"], "exclude_modules": ["layers.1.self_attn.q_proj"]},
+    {"target_modules": ["proj"], "exclude_modules": r".*\.0\..*"},
+    {"target_modules": ["lm_head", "embed_tokens"]},
+])
+def test_target_selection_is_pefts(cfg):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from moerge.io.peft import targeted
+
+    peft_config = LoraConfig(**cfg)
+    for module in MODULES:
+        assert targeted(cfg, module) == bool(check_target_module_exists(peft_config, module)), (cfg, module)
+
+
+def test_factors_of_modules_the_config_does_not_target_are_refused(adapters: dict[str, Path], tmp_path: Path) -> None:
+    bad = shutil.copytree(adapters["a1"], tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    targets = sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], list) else ["q_proj", "v_proj"]
+    cfg["target_modules"] = targets[:1]  # PEFT would build LoRA layers for this one only, and drop the rest
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="which the target_modules of .* do not select; PEFT would drop them"):
+        Checkpoint.open(bad)

@@ -53,6 +53,51 @@ def _fullmatch(pattern: str, text: str) -> bool:
         raise CheckpointError(f"the adapter's pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
+def _names(value: Any, where: str, what: str) -> str | list[str] | None:
+    """``target_modules`` / ``exclude_modules``: None, a regular expression, or a list of names."""
+    if value is None or isinstance(value, str):
+        return value
+    names = expect(value, list, where, what)
+    for n in names:
+        expect(n, str, where, f"an entry of {what}")
+    return names
+
+
+def targeted(cfg: dict[str, Any], module: str) -> bool:
+    """Whether PEFT would put a LoRA layer on ``module`` under this config (PEFT 0.21's
+    ``check_target_module_exists``: ``exclude_modules``, ``target_modules`` as a full-match regular
+    expression or as names matched exactly or as a dotted suffix, ``layers_to_transform`` with
+    ``layers_pattern`` for name lists, ``all-linear`` for any layer but the output head). PEFT loads the
+    factors of other modules as unexpected keys and drops them, so a merge that used them would differ
+    from the model PEFT builds."""
+    exclude, targets = cfg.get("exclude_modules"), cfg.get("target_modules")
+    if isinstance(exclude, str) and _fullmatch(exclude, module):
+        return False
+    if isinstance(exclude, list) and (module in exclude or any(module.endswith("." + e) for e in exclude)):
+        return False
+    if targets is None:  # PEFT's per-architecture defaults: not checked here
+        return True
+    if isinstance(targets, str):
+        return module.rsplit(".", 1)[-1] != "lm_head" if targets == "all-linear" else _fullmatch(targets, module)
+    if module in targets:
+        return True
+    if not any(module.endswith("." + t) for t in targets):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = cfg.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if patterns:
+        found = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    else:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    if found is None:
+        return False
+    index = int(found.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
 def _read_config(folder: Path, allow_external_files: bool) -> dict[str, Any]:
     cfg_path = member(folder, ADAPTER_CONFIG, allow_external_files=allow_external_files)
     if cfg_path is None:
@@ -70,6 +115,16 @@ def _read_config(folder: Path, allow_external_files: bool) -> dict[str, Any]:
             if key == "rank_pattern" and value < 1:
                 raise CheckpointError(f"{cfg_path}: {key}[{module!r}] must be at least 1, found {value}")
     expect(cfg.get("base_model_name_or_path") or "", str, str(cfg_path), "'base_model_name_or_path'")
+    for key in ("target_modules", "exclude_modules"):
+        _names(cfg.get(key), str(cfg_path), repr(key))
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not isinstance(layers, int) or isinstance(layers, bool):
+        for n in expect(layers, list, str(cfg_path), "'layers_to_transform'"):
+            expect(n, int, str(cfg_path), "an entry of 'layers_to_transform'")
+    pattern = cfg.get("layers_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        for n in expect(pattern, list, str(cfg_path), "'layers_pattern'"):
+            expect(n, str, str(cfg_path), "an entry of 'layers_pattern'")
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise CheckpointError(f"{cfg_path}: PEFT type {kind} is not supported (only LoRA adapters)")
@@ -117,6 +172,11 @@ class PeftAdapter:
             m = re.fullmatch(r"(.+)\.lora_(A|embedding_A)(?:\.[^.]+)?(\.weight)?", key)
             if m:
                 module = m.group(1)
+                if not targeted(cfg, module):
+                    raise CheckpointError(
+                        f"{self.weights}: holds LoRA factors of {module!r}, which the target_modules of "
+                        f"{self.folder / ADAPTER_CONFIG} do not select; PEFT would drop them and build another "
+                        "model than the one merged", hint="fix target_modules (or remove the stray factors)")
                 b_name = name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
                 if b_name not in names:
                     raise CheckpointError(f"{self.weights}: {name!r} has no matching {b_name!r}")
