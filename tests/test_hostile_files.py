@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import moerge
 from conftest import recipe
@@ -227,3 +228,23 @@ def test_an_input_changed_after_it_was_read_is_caught_before_publishing(llama, t
     with pytest.raises(CheckpointError, match=rf"ft1/model\.safetensors: {word} while the merge read it"):
         moerge.merge(recipe("task_arithmetic", llama["base"], [work]), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft1"]
+
+
+@pytest.mark.parametrize("rename", ["a factor's name damaged", "a foreign tensor"])
+def test_adapter_tensors_that_are_neither_factors_nor_base_tensors_are_refused(adapter, tmp_path, rename):
+    # found by the fuzzer: one byte of a header turned 'v_proj.lora_A' into 'v_proj,lora_A'; the B factor was
+    # then ignored and the damaged name added to the model as a new tensor (PEFT drops such keys)
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(adapter, tmp_path / "bad")
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    a = next(k for k in sorted(tensors) if ".lora_A." in k)
+    if rename == "a factor's name damaged":
+        tensors[a.replace(".lora_A", ",lora_A")] = tensors.pop(a)
+        expected = "has no matching"
+    else:
+        tensors["base_model.model.model.extra.weight"] = torch.zeros(2)
+        expected = "neither a LoRA factor nor a tensor of the base model"
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=expected):
+        open_source(bad)

@@ -59,7 +59,10 @@ class LoraView(NamedTensors):
             infos[target] = TensorInfo(target, "float32", bi.shape, weights)
         for target, name in self.adapter.full.items():
             e = self.adapter.reader.entries[name]
-            if target in infos and tuple(infos[target].shape) != tuple(e.shape):
+            if target not in base.infos:  # PEFT would drop it as an unexpected key
+                raise CheckpointError(f"{weights}: holds {name!r}, which is neither a LoRA factor nor a tensor of "
+                                      f"the base model {base.ref} (a damaged or foreign name?)")
+            if tuple(infos[target].shape) != tuple(e.shape):
                 raise CheckpointError(f"{weights}: {name!r} has shape {list(e.shape)}, the base's {target!r} "
                                       f"{list(infos[target].shape)}")
             infos[target] = TensorInfo(target, e.dtype, tuple(e.shape), weights)

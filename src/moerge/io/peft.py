@@ -186,7 +186,9 @@ class PeftAdapter:
                 embedding = m.group(2) == "embedding_A"
                 self.pairs[module + ".weight"] = LoraPair(name, b_name, scale, embedding or fan_in_fan_out, r)
             elif re.search(r"\.lora_(B|embedding_B)", key):
-                continue
+                a_name = name.replace("lora_B", "lora_A").replace("lora_embedding_B", "lora_embedding_A")
+                if a_name not in names:
+                    raise CheckpointError(f"{self.weights}: {name!r} has no matching {a_name!r}")
             elif "lora_magnitude" in key:
                 raise CheckpointError(f"{self.weights}: {name!r} is a DoRA magnitude; DoRA is not supported")
             else:  # modules_to_save / trained bias: a full replacement tensor
