@@ -13,9 +13,9 @@ Families (each a generator of cases from ``(family, seed)``, so any case is repr
 Each case ends in one outcome: ``ok`` (a result, checked against a reference reader when one can read
 the inputs: ``ok-verified``), ``error`` (a :class:`moerge.errors.MoergeError`, or a CLI exit status 2),
 ``internal`` (any other exception: a traceback), ``hang`` (over the time bound; the worker process is
-killed), ``outside`` (a file under the campaign's "outside" folder was opened, or its secret appeared in
+killed), ``crash`` (the worker process died: a signal, a fault), ``outside`` (a file under the campaign's "outside" folder was opened, or its secret appeared in
 the output or the message) or ``wrong`` (a result that differs from the reference). The campaign passes
-when there are no ``internal``, ``hang``, ``outside`` or ``wrong`` cases.
+when there are no ``internal``, ``hang``, ``crash``, ``outside`` or ``wrong`` cases.
 
 Run ``python -m tests.fuzz --cases 10000`` for the full campaign (``--help`` for the options); the
 default test run holds a fast slice (``tests/fuzz/test_fuzz.py``).

@@ -684,7 +684,7 @@ def _mutate_adapter_weights(rng: random.Random, lora: Path) -> str:
     f = lora / "adapter_model.safetensors"
     t = load_file(str(f))
     name = rng.choice(sorted(t))
-    op = rng.randrange(7)
+    op = rng.randrange(9)
     if op == 0:
         del t[name]
         what = f"{name.split('.')[-2]} deleted"
@@ -704,6 +704,14 @@ def _mutate_adapter_weights(rng: random.Random, lora: Path) -> str:
     elif op == 5:
         t[name] = t[name] * float("nan")
         what = "NaN factor"
+    elif op == 6:  # a name damaged as one flipped header byte would
+        pos = rng.randrange(len(name))
+        t[name[:pos] + rng.choice([",", "_", "X", ""]) + name[pos + 1:]] = t.pop(name)
+        what = "name damaged"
+    elif op == 7:  # a trained norm or bias stored in full (PEFT's modules_to_save): valid
+        target = rng.choice(["model.norm.weight", "model.layers.0.input_layernorm.weight"])
+        t["base_model.model." + target] = torch.full((32,), 0.5)
+        what = f"full tensor {target}"
     else:
         t[name] = t[name].reshape(-1)
         what = "flattened"
@@ -729,6 +737,12 @@ def _reference_adapter_model(lora: Path, base: Path) -> dict[str, Any] | None:
         weights = {k: v.float() for k, v in load_file(str(base / "model.safetensors")).items()}
         factors = load_file(str(lora / "adapter_model.safetensors"))
         for name, a in factors.items():
+            if ".lora_" not in name:  # stored in full: replaces the base tensor (PEFT's modules_to_save)
+                target = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+                if target not in weights or weights[target].shape != a.shape:
+                    return None
+                weights[target] = a.float()
+                continue
             if ".lora_A" not in name:
                 continue
             b = factors[name.replace("lora_A", "lora_B")]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 SECRET = "FUZZ-SECRET-7f3a9c"
-BAD = ("internal", "hang", "outside", "wrong")
+BAD = ("internal", "hang", "crash", "outside", "wrong")
 
 
 @dataclass
@@ -188,6 +188,12 @@ def _worker(conn: Any, root: str) -> None:
     from tests.fuzz import generators  # noqa: F401  (registers the families)
 
     torch.set_num_threads(1)
+    import faulthandler
+    import signal
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    stacks = open(Path(root) / "stacks.txt", "w")  # open for the worker's life
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)  # what a hung case was doing
     assets = Assets.build(Path(root) / "assets")
     watch = _OutsideWatch(assets.outside)
     scratch = Path(root) / "cases"
@@ -210,16 +216,31 @@ class Worker:
         if not self.parent.poll(600) or self.parent.recv() != "ready":
             raise RuntimeError("a fuzz worker did not start")
 
-    def run(self, family_name: str, seed: int, timeout: float) -> Outcome | None:
-        """The case's outcome, or None when it ran past ``timeout`` (the worker is then killed)."""
+    def run(self, family_name: str, seed: int, timeout: float) -> Outcome:
+        """The case's outcome; a case past ``timeout`` is a hang and one that ends its worker a crash (the
+        worker is then replaced)."""
+        t0 = time.perf_counter()
         self.parent.send((family_name, seed))
         if self.parent.poll(timeout):
             try:
                 return self.parent.recv()
             except EOFError:
-                pass
+                self.proc.join(5)
+                code = self.proc.exitcode
+                self.kill()
+                return Outcome(family_name, seed, "crash", "", f"the worker died (exit code {code})",
+                               time.perf_counter() - t0)
+        stacks = ""
+        try:  # every thread's stack, for the report
+            import signal
+
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            stacks = (self.root / "stacks.txt").read_text()[-6000:]
+        except OSError:
+            pass
         self.kill()
-        return None
+        return Outcome(family_name, seed, "hang", "", f"over {timeout:.0f} s\n{stacks}", timeout)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -261,11 +282,9 @@ def campaign(jobs: Iterable[tuple[str, int]], *, workers: int = 2, timeout: floa
                 if job is None:
                     return
                 out = worker.run(job[0], job[1], timeout)
-                if out is None:
-                    done.put(Outcome(job[0], job[1], "hang", "", f"over {timeout:.0f} s", timeout))
+                done.put(out)
+                if out.kind in ("hang", "crash"):
                     worker = Worker(folder)
-                else:
-                    done.put(out)
         finally:
             worker.close()
             done.put(None)
