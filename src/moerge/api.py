@@ -122,8 +122,8 @@ def _write_merge(plan: Plan, out: Path, *, size: int, force: bool, device: str |
         check_disk_space(plan, out)
         stats = execute(plan, writer, device=device, allow_nonfinite=allow_nonfinite, progress=on_tensor)
         notes = _write_side_files(plan, writer, stats.notes)
-        plan.check_unchanged()  # every input still the file planned from, or nothing is published
-        return writer.commit(), stats, notes
+        # every input still the file planned from, checked as late as possible: or nothing is published
+        return writer.commit(last_check=plan.check_unchanged), stats, notes
 
 
 def _write_side_files(plan: Plan, writer: ModelWriter, executor_notes: dict[str, Any]) -> dict[str, Any]:

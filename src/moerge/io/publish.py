@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from moerge.errors import OutputError
@@ -143,13 +144,16 @@ class Publication:
                 _fsync_path(Path(folder) / f)
             _fsync_path(Path(folder))
 
-    def commit(self, written_bytes: int | None = None) -> Path:
+    def commit(self, written_bytes: int | None = None, *, last_check: Callable[[], None] | None = None) -> Path:
         """fsync everything, then rename the folder into place. Returns the output path.
-        ``written_bytes`` (what the caller wrote) goes into the message if the disk fills up here."""
+        ``written_bytes`` (what the caller wrote) goes into the message if the disk fills up here;
+        ``last_check`` runs after the fsync, just before the rename (a raise there publishes nothing)."""
         try:
             self._sync_tree()
         except OSError as e:
             raise output_error(e, self.out_dir, written_bytes) from e
+        if last_check is not None:
+            last_check()
         try:
             trash = self._swap_in()
         except OSError as e:

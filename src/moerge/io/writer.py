@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -171,8 +172,9 @@ class ModelWriter:
     def copy_file(self, src: Path, filename: str | None = None) -> None:
         self._guard(shutil.copyfile, src, self.tmp / (filename or src.name))
 
-    def commit(self) -> Path:
-        """Finish: index, fsync, rename into place. Returns the output path."""
+    def commit(self, *, last_check: Callable[[], None] | None = None) -> Path:
+        """Finish: index, fsync, rename into place (``last_check`` runs just before the rename, see
+        :meth:`Publication.commit`). Returns the output path."""
         if self._next != len(self._order):
             raise RuntimeError(f"commit after {self._next} of {len(self._order)} tensors")
         self._close_file()
@@ -181,7 +183,7 @@ class ModelWriter:
             index = {"metadata": {"total_size": total},
                      "weight_map": {t[0]: s.filename for s in self.shards for t in s.tensors}}
             self.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        return self.publication.commit(self.bytes_written)
+        return self.publication.commit(self.bytes_written, last_check=last_check)
 
     def abort(self) -> None:
         """Remove everything written so far (the output path is untouched)."""
