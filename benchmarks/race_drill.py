@@ -10,7 +10,7 @@ Usage (from the repository root)::
 expert) runs; at a random moment over its measured duration one shard of the copy is *replaced* (a new
 file renamed over it), *truncated* to half, *deleted*, or *rewritten in place* (same size, other bytes).
 The change comes once the merge holds the shard open (seen in ``/proc/PID/fd``), at a random moment over
-the time a merge then runs to its end (measured on the reference merge). A change made while the merge runs (its output not yet published) must end in an error that names the
+the time a merge then takes to publish its output (measured on the reference merge). A change made while the merge runs (its output not yet published) must end in an error that names the
 shard (exit 2, or 135 when the file shrank under a memory map); a change that came after the output
 appeared must leave it byte-identical to the merge of the unchanged inputs (such trials are counted apart). Anything else (a different output, a traceback, a crash) is counted as a failure.
 
@@ -67,11 +67,10 @@ def digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _change(kind: str, shard: Path, donor: Path) -> None:
+def _change(kind: str, shard: Path, staged: Path) -> None:
+    """Change ``shard`` at once (a replacement is staged beforehand, so the change is one rename)."""
     if kind == "replace":
-        tmp = shard.with_name(shard.name + ".new")
-        shutil.copyfile(donor, tmp)
-        os.replace(tmp, shard)
+        os.replace(staged, shard)
     elif kind == "truncate":
         os.truncate(shard, shard.stat().st_size // 2)
     elif kind == "delete":
@@ -86,16 +85,18 @@ def _change(kind: str, shard: Path, donor: Path) -> None:
 def modification_trials(root: Path, work: Path, trials: int, rng: random.Random) -> tuple[list[dict], float]:
     base, expert, donor_model = root / "base", root / "ft1", root / "ft2"
     ref_out = work / "reference"
-    reading = []  # seconds from the moment the merge holds the expert's shard open to its end
+    reading = []  # seconds from the moment the merge holds the expert's shard open to its publication
     for _ in range(3):
         shutil.rmtree(ref_out, ignore_errors=True)
         proc = subprocess.Popen([*_cli(), "merge", str(_recipe(work / "ref.yaml", base, expert)), str(ref_out),
                                  "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_until_open(proc, sorted(expert.glob("*.safetensors"))[0])
         t_open = time.perf_counter()
+        while not ref_out.exists() and proc.poll() is None:
+            time.sleep(0.002)
+        reading.append(time.perf_counter() - t_open)
         _, err = proc.communicate()
         assert proc.returncode == 0, err
-        reading.append(time.perf_counter() - t_open)
     duration = sorted(reading)[1]
     want = digest(ref_out)
     rows = []
@@ -106,7 +107,9 @@ def modification_trials(root: Path, work: Path, trials: int, rng: random.Random)
         shutil.copytree(expert, copy)
         shards = sorted(copy.glob("*.safetensors"))
         shard = rng.choice(shards)
-        donor = donor_model / shard.name
+        staged = shard.with_name(shard.name + ".new")
+        if kind == "replace":
+            shutil.copyfile(donor_model / shard.name, staged)
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         recipe = _recipe(work / "trial.yaml", base, copy)
@@ -114,10 +117,10 @@ def modification_trials(root: Path, work: Path, trials: int, rng: random.Random)
         proc = subprocess.Popen([*_cli(), "merge", str(recipe), str(out), "-q"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         opened = _wait_until_open(proc, shard)  # "during the merge": once it holds the shard open
-        time.sleep(rng.uniform(0.0, duration))  # over the time it then runs (the last ~0.2 s is its exit)
+        time.sleep(rng.uniform(0.0, duration))  # over the time it then reads and writes, until it publishes
         finished_first = proc.poll() is not None
         published_first = out.exists()  # the output appears at once, complete, when it is published
-        _change(kind, shard, donor)
+        _change(kind, shard, staged)
         _, err = proc.communicate(timeout=600)
         seconds = time.perf_counter() - t0
         named = str(shard) in err
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         mid = len(sel) - c["after publication"]
         print(f"| {kind} | {len(sel)} | {mid} | {c['error naming the file']} | {c['WRONG output']} | "
               f"{c['FAILED'] + c['unnoticed, output right']} | {c['after publication']} |")
-    print(f"\n(a merge runs {duration:.1f} s once it holds its input open)\n\nconcurrent merges into one "
+    print(f"\n(a merge publishes {duration:.2f} s after it opens its input)\n\nconcurrent merges into one "
           "output:", flush=True)
     conc = concurrency(work, args.api, args.cli_pairs)
     print(json.dumps(conc, indent=1))

@@ -17,7 +17,7 @@ from conftest import recipe
 from moerge.cli import main
 from moerge.errors import CheckpointError
 from moerge.io.checkpoint import open_source
-from moerge.io.containment import boundary, member
+from moerge.io.containment import boundaries, member
 
 SECRET = "SECRET-TOKEN-4242"
 
@@ -147,7 +147,7 @@ def _hub_cache(model: Path, cache: Path, org: str = "acme", name: str = "tiny") 
 def test_the_hub_cache_layout_is_inside_its_repository(llama, tmp_path, monkeypatch):
     snap = _hub_cache(llama["base"], tmp_path / "hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert boundary(snap) == snap.parent.parent.resolve()
+    assert boundaries(snap) == [snap.resolve(), (snap.parent.parent / "blobs").resolve()]
     res = moerge.merge(recipe("task_arithmetic", Path("acme/tiny"), [llama["ft1"]]), tmp_path / "out")
     assert res.output is not None and (res.output / "config.json").is_file()
     assert not any(p.name.startswith("0000") for p in res.output.iterdir())  # copied under their own names
@@ -156,6 +156,42 @@ def test_the_hub_cache_layout_is_inside_its_repository(llama, tmp_path, monkeypa
     (tmp_path / "elsewhere.json").write_text("{}")
     with pytest.raises(CheckpointError, match="outside the model folder"):  # but not beyond the repository
         moerge.merge(recipe("task_arithmetic", Path("acme/tiny"), [llama["ft1"]]), tmp_path / "out2")
+    (snap / "tokenizer_config.json").unlink()
+    (snap.parent.parent / "refs" / "secret.txt").write_text("x")
+    (snap / "tokenizer_config.json").symlink_to("../../refs/secret.txt")  # inside the repository, not a blob
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        member(snap, "tokenizer_config.json")
+
+
+def test_a_subfolder_of_a_hub_snapshot_links_into_its_blobs(llama, tmp_path):
+    # diffusers-style and multi-variant repositories keep models in subfolders of the snapshot
+    snap = _hub_cache(llama["base"], tmp_path / "hub")
+    sub = snap / "text_encoder"
+    sub.mkdir()
+    for link in list(snap.iterdir()):
+        if link.is_symlink():
+            (sub / link.name).symlink_to(Path("..") / os.readlink(link))
+    with open_source(sub) as ck:
+        assert ck.tensor_names and ck.config is not None
+    assert not (tmp_path / "hub" / "blobs").exists()
+
+
+def test_a_folder_merely_named_like_a_snapshot_gets_no_wider_boundary(tmp_path, secret):
+    fake = tmp_path / "models--x--y" / "snapshots" / "abc"  # no blobs folder: not the hub's layout
+    fake.mkdir(parents=True)
+    (fake / "config.json").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        member(fake, "config.json")
+
+
+def test_untrusted_names_are_quoted_and_shortened_in_messages(tmp_path):
+    (tmp_path / "m").mkdir()
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    name = "\x1b[31m" + "a" * 5000
+    with pytest.raises(CheckpointError) as e:
+        member(tmp_path / "m", "/" + name, named_by=index)
+    text = str(e.value)
+    assert "\x1b" not in text and "\\x1b" in text and len(text) < 600
 
 
 def test_adapter_files_linked_out_are_refused(tmp_path):

@@ -221,6 +221,7 @@ MODULES = [f"model.layers.{i}.{part}" for i in range(3) for part in
     {"target_modules": ["q_proj", "up_proj"], "exclude_modules": ["layers.1.self_attn.q_proj"]},
     {"target_modules": ["proj"], "exclude_modules": r".*\.0\..*"},
     {"target_modules": ["lm_head", "embed_tokens"]},
+    {"target_modules": ["q_proj", "up_proj"], "modules_to_save": ["up_proj"]},
 ])
 def test_target_selection_is_pefts(cfg):
     from peft import LoraConfig
@@ -241,3 +242,21 @@ def test_factors_of_modules_the_config_does_not_target_are_refused(adapters: dic
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="which the target_modules of .* do not select; PEFT would drop them"):
         Checkpoint.open(bad)
+
+
+@pytest.mark.parametrize("edit", [{"layers_pattern": "(", "layers_to_transform": [0]}, {"modules_to_save": ["la[yer"]}])
+def test_adapter_config_patterns_peft_compiles_are_checked(adapters: dict[str, Path], tmp_path: Path, edit) -> None:
+    bad = shutil.copytree(adapters["a1"], tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(cfg | edit))
+    with pytest.raises(CheckpointError, match="is not a valid regular expression"):
+        Checkpoint.open(bad)
+
+
+def test_a_model_without_matrices_has_no_rank_to_choose() -> None:
+    from moerge.errors import MoergeError
+    from moerge.extract import check_rank
+
+    with pytest.raises(MoergeError, match="x has no matrix to factorise"):
+        check_rank(1, [(4,), (2, 3, 4)], "x")
+    check_rank(3, [(4,), (3, 8)], "x")  # rank 3 of a 3 × 8 matrix: fine

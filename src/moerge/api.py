@@ -139,11 +139,12 @@ def _write_side_files(plan: Plan, writer: ModelWriter, executor_notes: dict[str,
                         LAYER_COUNT_KEYS)
     if cfg is not None:
         writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
+    # copied from the file each name resolved to when it was checked (a link swapped since cannot redirect it)
     for name in CONFIG_SIDE_FILES:
         if (side := cfg_ckpt.side_file(name)) is not None:
-            writer.copy_file(side)
+            writer.copy_file(Path(os.path.realpath(side)), side.name)
     for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source]):
-        writer.copy_file(f)
+        writer.copy_file(Path(os.path.realpath(f)), f.name)
     recipe_text = plan.loaded.text or _dump_recipe(plan.recipe)
     writer.write_text("moerge_recipe.yaml", recipe_text)
     notes = dict(executor_notes)

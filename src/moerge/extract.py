@@ -89,6 +89,8 @@ def check_rank(rank: int, shapes: list[tuple[int, ...]], where: str) -> None:
     if rank < 1:
         raise MoergeError(f"rank must be at least 1 (got {rank})")
     full = max((min(s) for s in shapes if len(s) == 2), default=0)
+    if full == 0:
+        raise MoergeError(f"{where} has no matrix to factorise (no two-dimensional tensor)")
     if rank > full:
         raise MoergeError(f"rank {rank} is above the full rank of every layer of {where} (the largest is {full}); "
                           f"a rank-{full} adapter already holds the change exactly", hint=f"use a rank of {full} or less")

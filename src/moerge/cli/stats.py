@@ -25,10 +25,13 @@ from moerge.stats.format import KINDS
 @click.option("--estimator", type=click.Choice(["empirical", "true"]), default="empirical", show_default=True,
               help="fisher/kfac: the true label, or the expectation over labels under the model.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-external-files", is_flag=True,
+              help="Read files that the model folder's index or links place outside it (refused by default).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def stats(ctx: click.Context, kind: str, model: str, data: str, task: str | None, out: str, track: str,
-          examples: int, batch_size: int, max_length: int, estimator: str, force: bool, quiet: bool) -> None:
+          examples: int, batch_size: int, max_length: int, estimator: str, force: bool,
+          allow_external_files: bool, quiet: bool) -> None:
     """Compute KIND statistics of MODEL over data, for data-aware merges (RegMean, Fisher, MaTS).
 
     \b
@@ -58,6 +61,7 @@ def stats(ctx: click.Context, kind: str, model: str, data: str, task: str | None
         with training_bar(quiet) as bar:
             meta = compute_stats(model, out, StatsSettings(kind, examples, batch_size, max_length, estimator),
                                  track=track, task=task_name, texts=texts, labels=labels, force=force,
+                                 allow_external_files=allow_external_files,
                                  progress=lambda k, n: bar.update("examples" if kind != "gram" else "batches", k, n))
         click.echo(f"{kind}: {meta['tensors']} tensors from {meta['examples']} examples ({meta['rows']} rows) in "
                    f"{meta['seconds']:.1f} s; wrote {out}")

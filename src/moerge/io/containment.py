@@ -9,8 +9,9 @@ followed) inside the folder, and it must be a regular file (a FIFO would block, 
 Nothing of a refused file is read.
 
 The Hugging Face hub cache is the one layout where links leave the folder by design: the files of
-``models--org--name/snapshots/<commit>/`` are links into ``models--org--name/blobs/``. There the
-repository folder ``models--org--name`` is the boundary.
+``models--org--name/snapshots/<commit>/`` (and of its subfolders) are links into
+``models--org--name/blobs/``. There that ``blobs`` folder is inside the boundary too, and nothing else
+of the cache.
 
 Users who keep shards elsewhere on purpose (links to another disk) pass ``allow_external_files``
 (``--allow-external-files``): names are then taken as given, links followed anywhere; only the
@@ -25,26 +26,42 @@ from pathlib import Path, PurePosixPath
 
 from moerge.errors import CheckpointError
 
-EXTERNAL_HINT = ("if the model really keeps its files elsewhere, pass --allow-external-files "
-                 "(allow_external_files=True in Python)")
+EXTERNAL_HINT = ("if the model really keeps its files elsewhere, pass --allow-external-files (merge, inspect, "
+                 "diff, extract-lora, stats; allow_external_files=True in Python)")
 HUB_PREFIXES = ("models--", "datasets--", "spaces--")
 
 
-def boundary(folder: Path) -> Path:
-    """The folder inside which every file of ``folder`` must resolve: ``folder`` itself (links
-    resolved), or the repository folder of a Hugging Face cache snapshot."""
+def boundaries(folder: Path) -> list[Path]:
+    """The folders inside which every file of ``folder`` must resolve: ``folder`` itself (links resolved),
+    and, for a folder inside a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>/...``,
+    subfolders included), that repository's ``blobs`` folder, where the snapshot's links point."""
     real = folder.resolve()
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(HUB_PREFIXES):
-        return real.parent.parent
-    return real
+    roots = [real]
+    for up in (real, *real.parents):
+        if up.parent.name == "snapshots" and up.parent.parent.name.startswith(HUB_PREFIXES):
+            blobs = up.parent.parent / "blobs"
+            if blobs.is_dir():
+                roots.append(blobs)
+            break
+    return roots
+
+
+def shown(text: str, *, quoted: bool = False, limit: int = 200) -> str:
+    """An untrusted name as it may appear in a message: as it is (or quoted) when short and printable,
+    else quoted with control characters escaped, and shortened."""
+    if len(text) > limit:
+        return f"{text[:limit // 2]!r}…({len(text):,} characters)"
+    return repr(text) if quoted or not text.isprintable() else text
 
 
 def member(folder: Path, name: str, *, named_by: Path | None = None,
            allow_external_files: bool = False) -> Path | None:
-    """``folder / name`` when it exists, checked to be a regular file inside :func:`boundary` of
+    """``folder / name`` when it exists, checked to be a regular file inside :func:`boundaries` of
     ``folder`` (see the module docstring); None when nothing is there. ``named_by`` is the file that
     named it (an index), for the message."""
-    where = f"{named_by}: names {name!r}" if named_by is not None else f"{folder / name}"
+    where = f"{named_by}: names {shown(name, quoted=True)}" if named_by is not None else f"{folder}/{shown(name)}"
+    if not name or "\x00" in name:
+        raise CheckpointError(f"{where}: not a file name")
     if not allow_external_files:
         _check_name(name, where)
     path = folder / name
@@ -65,8 +82,6 @@ def member(folder: Path, name: str, *, named_by: Path | None = None,
 
 
 def _check_name(name: str, where: str) -> None:
-    if not name or "\x00" in name:
-        raise CheckpointError(f"{where}: not a file name")
     pure = PurePosixPath(name)
     if pure.is_absolute() or Path(name).is_absolute():
         raise CheckpointError(f"{where}, an absolute path; a model folder's files must lie inside it",
@@ -76,9 +91,12 @@ def _check_name(name: str, where: str) -> None:
 
 
 def _check_inside(folder: Path, path: Path, where: str) -> None:
-    root = boundary(folder)
-    real = path.resolve()
-    if real != root and root not in real.parents:
+    roots = boundaries(folder)
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise CheckpointError(f"{where}: cannot be resolved ({e})") from None
+    if not any(real == root or root in real.parents for root in roots):
         target = os.readlink(path) if path.is_symlink() else str(real)
-        raise CheckpointError(f"{where}: a link to {target}, outside the model folder {root}",
+        raise CheckpointError(f"{where}: a link to {shown(target)}, outside the model folder {roots[0]}",
                               hint=EXTERNAL_HINT)

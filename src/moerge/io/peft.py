@@ -73,6 +73,8 @@ def targeted(cfg: dict[str, Any], module: str) -> bool:
     exclude, targets = cfg.get("exclude_modules"), cfg.get("target_modules")
     if isinstance(exclude, str) and _fullmatch(exclude, module):
         return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or []):
+        return False  # PEFT never puts an adapter on a module it saves in full
     if isinstance(exclude, list) and (module in exclude or any(module.endswith("." + e) for e in exclude)):
         return False
     if targets is None:  # PEFT's per-architecture defaults: not checked here
@@ -125,6 +127,15 @@ def _read_config(folder: Path, allow_external_files: bool) -> dict[str, Any]:
     if pattern is not None and not isinstance(pattern, str):
         for n in expect(pattern, list, str(cfg_path), "'layers_pattern'"):
             expect(n, str, str(cfg_path), "an entry of 'layers_pattern'")
+    saved = cfg.get("modules_to_save")
+    if saved is not None:
+        for n in expect(saved, list, str(cfg_path), "'modules_to_save'"):
+            expect(n, str, str(cfg_path), "an entry of 'modules_to_save'")
+    for value in ([pattern] if isinstance(pattern, str) else pattern or []) + list(saved or []):
+        try:  # PEFT puts these in regular expressions as they are
+            re.compile(value)
+        except re.error as e:
+            raise CheckpointError(f"{cfg_path}: {value!r} is not a valid regular expression ({e})") from None
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise CheckpointError(f"{cfg_path}: PEFT type {kind} is not supported (only LoRA adapters)")

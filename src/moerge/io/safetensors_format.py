@@ -12,6 +12,7 @@ we are done with stop counting against the process's resident memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -201,11 +202,8 @@ class SafetensorsReader:
     def close(self) -> None:
         POOL.forget(self)
 
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
+    # No __del__: the pool holds every reader it lends a descriptor to, so a reader being collected has
+    # none open; and a finaliser that took the pool's lock could run while that lock is held (a deadlock).
 
     def read(self, name: str, start: int = 0, count: int | None = None,
              buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,7 +240,12 @@ class SafetensorsReader:
         with POOL.use(self, name) as fd:  # the map keeps a duplicate of the descriptor; this one goes back
             if os.fstat(fd).st_size < entry.end:  # a mapping past the end of a file faults (SIGBUS)
                 raise CheckpointError(f"{self.path}: file shorter than its header says (tensor {name!r})")
-            mm = mmap.mmap(fd, nbytes + lead, offset=entry.begin - lead, access=mmap.ACCESS_COPY)
+            try:  # the map keeps a duplicate descriptor: this can run out of them too
+                mm = mmap.mmap(fd, nbytes + lead, offset=entry.begin - lead, access=mmap.ACCESS_COPY)
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot map tensor {name!r} ({e.strerror or e})",
+                                      hint="raise the open-file limit (ulimit -n) or merge fewer models at "
+                                      "once" if e.errno in (errno.EMFILE, errno.ENFILE) else None) from None
         try:  # fill the page tables in one call instead of a fault per 64 KiB (Linux >= 5.14)
             mm.madvise(MADV_POPULATE_READ)
         except (AttributeError, OSError, ValueError):  # no madvise (Windows), or an older kernel

@@ -68,12 +68,16 @@ def _lib() -> ctypes.CDLL | None:
     u32p = POINTER(ctypes.c_uint32)
     lib.mk_bracket.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, c_int, u32p, u32p, i64p,
                                POINTER(c_void_p), c_int64]
-    lib.mk_bus_guard.argtypes = [ctypes.c_char_p]
-    lib.mk_bus_guard.restype = c_int
-    lib.mk_bus_unguard.argtypes = []
-    lib.mk_bus_unguard.restype = c_int
-    lib.mk_bus_note.argtypes = [ctypes.c_size_t, c_uint64, ctypes.c_char_p]
-    lib.mk_bus_note.restype = None
+    try:  # the bus-error guard (a kernels build older than it has none: the kernels still work)
+        lib.mk_bus_guard.argtypes = [ctypes.c_char_p]
+        lib.mk_bus_guard.restype = c_int
+        lib.mk_bus_unguard.argtypes = []
+        lib.mk_bus_unguard.restype = c_int
+        lib.mk_bus_note.argtypes = [ctypes.c_size_t, c_uint64, ctypes.c_char_p]
+        lib.mk_bus_note.restype = None
+        lib.has_bus_guard = True
+    except AttributeError:
+        lib.has_bus_guard = False
     for f in (lib.mk_hist_hi, lib.mk_hist_lo, lib.mk_dare_l1, lib.mk_tv_emit, lib.mk_linear_emit, lib.mk_gram,
               lib.mk_bracket):
         f.restype = c_int64
@@ -112,7 +116,7 @@ def bus_error_message(message: str) -> Iterator[None]:
     mapped only when the kernels are available, so without them there is nothing to guard."""
     global _bus_users
     lib = _lib()
-    if lib is None or not hasattr(lib, "mk_bus_guard"):
+    if lib is None or not lib.has_bus_guard:
         yield
         return
     with _bus_lock:
@@ -132,7 +136,7 @@ def note_mapping(t: torch.Tensor, path: str) -> None:
     """Tell the bus-error handler that ``t`` (a tensor mapped from a file) lives in ``path``, so that its
     message names the file that shrank."""
     lib = _lib()
-    if lib is not None and t.numel():
+    if lib is not None and lib.has_bus_guard and t.numel():
         lib.mk_bus_note(t.data_ptr(), t.numel() * t.element_size(), os.fsencode(path)[:511])
 
 

@@ -588,15 +588,16 @@ EXPORT int mk_bus_unguard(void) { return sigaction(SIGBUS, &bus_before, NULL); }
 EXPORT void mk_bus_note(uintptr_t start, uint64_t len, const char *path) {
     int64_t k = __atomic_fetch_add(&bus_count, 1, __ATOMIC_ACQ_REL);
     int i = (int)(k % BUS_NOTES);
-    bus_notes[i].start = 0;
-    bus_notes[i].end = 0;
+    __atomic_store_n(&bus_notes[i].end, 0, __ATOMIC_RELEASE); /* no range matches while the path changes */
+    __atomic_store_n(&bus_notes[i].start, 0, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     size_t n = strlen(path);
     if (n >= BUS_PATH) n = BUS_PATH - 1;
     memcpy(bus_notes[i].path, path, n);
     bus_notes[i].path[n] = 0;
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    bus_notes[i].start = start;
-    bus_notes[i].end = start + len;
+    __atomic_store_n(&bus_notes[i].start, start, __ATOMIC_RELEASE);
+    __atomic_store_n(&bus_notes[i].end, start + len, __ATOMIC_RELEASE);
 }
 #else
 EXPORT int mk_bus_guard(const char *msg) { (void)msg; return -1; }

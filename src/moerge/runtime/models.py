@@ -45,28 +45,28 @@ def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     return h.hexdigest()
 
 
-def check_files(folder: Path) -> None:
+def check_files(folder: Path, *, allow_external_files: bool = False) -> None:
     """Before ``transformers`` reads ``folder``: its weights, index, config and tokenizer files (and its
     base's, for an adapter) are regular files inside their folders, and none is a pickle
     (:mod:`moerge.io.containment`); ``from_pretrained`` itself would follow any of them anywhere."""
     from moerge.io.checkpoint import open_source
     from moerge.io.sidefiles import TOKENIZER_FILES
 
-    with open_source(folder) as source:
+    with open_source(folder, allow_external_files=allow_external_files) as source:
         for name in ("config.json", *TOKENIZER_FILES):
             source.side_file(name)
         if is_adapter_folder(folder):
             for name in TOKENIZER_FILES:
-                member(folder, name)
+                member(folder, name, allow_external_files=allow_external_files)
 
 
-def load_model(folder: Path, track: str) -> tuple[Any, Any]:
+def load_model(folder: Path, track: str, *, allow_external_files: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) from a full folder or a PEFT adapter folder (merged into its base), float32, in
     eval mode. ``track``: ``decoder`` (a causal LM with its head) or ``encoder`` (the bare encoder)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     cls = AutoModelForCausalLM if track == "decoder" else AutoModel
-    check_files(folder)
+    check_files(folder, allow_external_files=allow_external_files)
     if is_adapter_folder(folder):
         from peft import PeftModel
 

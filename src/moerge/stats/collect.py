@@ -140,8 +140,9 @@ class _Batch:
 def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSettings, *, track: str,
                   task: str | None = None, texts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
                   force: bool = False, progress: Callable[[int, int], None] | None = None,
-                  save_interval: float = 60.0) -> dict[str, Any]:
-    """Compute ``settings.kind`` statistics of one model over a task's train split (or given texts)."""
+                  save_interval: float = 60.0, allow_external_files: bool = False) -> dict[str, Any]:
+    """Compute ``settings.kind`` statistics of one model over a task's train split (or given texts).
+    The model's files must lie inside its folder unless ``allow_external_files``."""
     from moerge.data.tasks import Example, content_hash, get_task, make_splits
     from moerge.io.checkpoint import open_source
     from moerge.io.writer import ModelWriter
@@ -170,9 +171,9 @@ def compute_stats(model_dir: str | Path, out: str | Path, settings: StatsSetting
         raise StatsError(f"{settings.kind} needs labelled examples of a task (a loss to differentiate)")
     data_hash = content_hash([Example(x, y) for x, y in zip(texts, labels or [0] * len(texts))])
 
-    with open_source(model_dir) as ckpt:
+    with open_source(model_dir, allow_external_files=allow_external_files) as ckpt:
         names, fingerprint = set(ckpt.tensor_names), ckpt.fingerprint()
-    model, tok = load_model(model_dir, track)
+    model, tok = load_model(model_dir, track, allow_external_files=allow_external_files)
     head = None
     if track == "encoder" and settings.kind != "gram":
         if not (model_dir / "head.safetensors").exists():
