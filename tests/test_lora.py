@@ -164,6 +164,9 @@ def test_merge_written_as_lora_adapter(adapters: dict[str, Path], tmp_path: Path
     res = merge(recipe, tmp_path / "adapter", lora_rank=6)
     assert (tmp_path / "adapter" / "adapter_config.json").exists() and "0.00%" in res.notes["lora"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the full merge was removed
+    record = json.loads((tmp_path / "adapter" / "moerge_extract.json").read_text())
+    want = f"task_arithmetic merge of {adapters['base']}, {adapters['a1']}, {adapters['a2']}"
+    assert record["source"] == want  # not the staging folder, which is gone
     full = merge(recipe, tmp_path / "full")
     a, f = Checkpoint.open(tmp_path / "adapter"), Checkpoint.open(full.output)
     name = "model.layers.1.mlp.down_proj.weight"

@@ -171,7 +171,8 @@ def _write_lora(full: Path, plan: Plan, final: Path, rank: int, force: bool) -> 
     try:
         base = plan.checkpoints[plan.base_index]
         rep = extract_lora(full, base.ref, final, rank=rank, force=force,
-                           allow_external_files=base.allow_external_files)
+                           allow_external_files=base.allow_external_files,
+                           source=f"{plan.method.name} merge of {', '.join(c.ref for c in plan.models)}")
     finally:
         shutil.rmtree(full, ignore_errors=True)
     note = (f"rank {rank}: {len(rep.tensors)} layers, {rep.discarded:.2%} of ‖ΔW‖² discarded"

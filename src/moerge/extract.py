@@ -48,10 +48,11 @@ class ExtractReport:
 
 def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str], *,
                  rank: int = 16, include_embeddings: bool = False, force: bool = False,
-                 allow_external_files: bool = False,
+                 allow_external_files: bool = False, source: str | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> ExtractReport:
     """Write ``out`` as a PEFT LoRA adapter approximating ``model − base`` at ``rank`` (the models' files
-    inside their folders unless ``allow_external_files``)."""
+    inside their folders unless ``allow_external_files``). ``source``: what ``moerge_extract.json`` records as
+    the model (default: ``model``)."""
     if rank < 1:
         raise MoergeError(f"rank must be at least 1 (got {rank})")
     out = Path(out)
@@ -70,7 +71,7 @@ def extract_lora(model: str | os.PathLike[str], base: str | os.PathLike[str], ou
         "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": str(Path(base).resolve()) if Path(base).exists() else str(base),
     }
-    record = {"source": str(model), "base": str(base), "rank": rank, "discarded_energy": report.discarded,
+    record = {"source": source or str(model), "base": str(base), "rank": rank, "discarded_energy": report.discarded,
               "per_tensor_discarded": report.tensors, "not_representable_l2": report.not_representable}
     with Publication(out, force=force) as pub:
         try:
