@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.merge_speed import RESULTS, ensure_models
+from benchmarks.merge_speed import RESULTS, ensure_models, moerge_command
 
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 
@@ -52,9 +52,7 @@ def _recipe(root: Path, work: Path) -> Path:
 
 
 def _command(recipe: Path, out: Path, *, force: bool, lora: bool) -> list[str]:
-    exe = shutil.which("moerge")  # the console script, as users run it
-    cmd = ([exe] if exe else [sys.executable, "-c", "from moerge.cli import main; main()"])
-    cmd += ["merge", str(recipe), str(out), "-q"]
+    cmd = [*moerge_command(), "merge", str(recipe), str(out), "-q"]
     if force:
         cmd.append("--force")
     if lora:

@@ -91,6 +91,12 @@ def model_complete(path: Path, shape: dict[str, int]) -> bool:
     return (path / "model.safetensors").exists()
 
 
+def moerge_command() -> list[str]:
+    """How the benchmarks run moerge: the console script itself (not a pyenv shim), as users run it."""
+    moerge = Path(sys.executable).parent / "moerge"
+    return [str(moerge)] if moerge.exists() else [sys.executable, "-m", "moerge"]
+
+
 def ensure_models(size: str) -> Path:
     """Generate base, ft1, ft2, ft3 for ``size`` unless already present (seeded, so reproducible)."""
     from moerge.testing import make_llama_like_big, perturb
@@ -554,8 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in METHODS:
             ap.error(f"unknown method {m!r} (choose from {', '.join(METHODS)})")
 
-    moerge = Path(sys.executable).parent / "moerge"  # the console script itself, not a pyenv shim
-    moerge_cmd = [str(moerge)] if moerge.exists() else [sys.executable, "-m", "moerge"]
+    moerge_cmd = moerge_command()
     tools = {"moerge": [*moerge_cmd, "merge", "--force", "-q"]}
     help_cmds = {"moerge": moerge_cmd}
     mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)

@@ -40,14 +40,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.merge_speed import RESULTS, ensure_models
+from benchmarks.merge_speed import RESULTS, ensure_models, moerge_command
 
 CHANGES = ("replace", "truncate", "delete", "rewrite")
-
-
-def _cli() -> list[str]:
-    exe = shutil.which("moerge")
-    return [exe] if exe else [sys.executable, "-c", "from moerge.cli import main; main()"]
 
 
 def _recipe(path: Path, base: Path, expert: Path, weight: float = 0.5) -> Path:
@@ -88,7 +83,7 @@ def modification_trials(root: Path, work: Path, trials: int, rng: random.Random)
     reading = []  # seconds from the moment the merge holds the expert's shard open to its publication
     for _ in range(3):
         shutil.rmtree(ref_out, ignore_errors=True)
-        proc = subprocess.Popen([*_cli(), "merge", str(_recipe(work / "ref.yaml", base, expert)), str(ref_out),
+        proc = subprocess.Popen([*moerge_command(), "merge", str(_recipe(work / "ref.yaml", base, expert)), str(ref_out),
                                  "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_until_open(proc, sorted(expert.glob("*.safetensors"))[0])
         t_open = time.perf_counter()
@@ -114,7 +109,7 @@ def modification_trials(root: Path, work: Path, trials: int, rng: random.Random)
         shutil.rmtree(out, ignore_errors=True)
         recipe = _recipe(work / "trial.yaml", base, copy)
         t0 = time.perf_counter()
-        proc = subprocess.Popen([*_cli(), "merge", str(recipe), str(out), "-q"], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*moerge_command(), "merge", str(recipe), str(out), "-q"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         opened = _wait_until_open(proc, shard)  # "during the merge": once it holds the shard open
         time.sleep(rng.uniform(0.0, duration))  # over the time it then reads and writes, until it publishes
@@ -190,7 +185,7 @@ def concurrency(work: Path, api: int, cli_pairs: int) -> dict:
     refs = []
     for k, r in enumerate(recipes):
         out = work / f"cref{k}"
-        res = subprocess.run([*_cli(), "merge", str(r), str(out), "-q", "--shard-size", "20KB"],
+        res = subprocess.run([*moerge_command(), "merge", str(r), str(out), "-q", "--shard-size", "20KB"],
                              capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         refs.append(digest(out))
@@ -203,7 +198,7 @@ def concurrency(work: Path, api: int, cli_pairs: int) -> dict:
     api_final = digest(out) in refs
     cli_counts: Counter = Counter()
     for _ in range(cli_pairs):
-        procs = [subprocess.Popen([*_cli(), "merge", str(r), str(out), "-q", "--force", "--shard-size", "20KB"],
+        procs = [subprocess.Popen([*moerge_command(), "merge", str(r), str(out), "-q", "--force", "--shard-size", "20KB"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in recipes]
         for p in procs:
             _, err = p.communicate(timeout=300)

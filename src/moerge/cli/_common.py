@@ -53,6 +53,9 @@ def _fail(message: str, hint: str | None, code: int) -> None:
     sys.exit(code)
 
 
+EXTERNAL_HELP = "Read files that a model folder's index or links place outside it (refused by default)."
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be, so the same clean-up runs
     (every temporary output removed) before the process exits with the signal's status."""

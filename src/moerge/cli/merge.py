@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from moerge.cli._common import ProgressBar, run
-
-EXTERNAL_HELP = "Read files that a model folder's index or links place outside it (refused by default)."
+from moerge.cli._common import EXTERNAL_HELP, ProgressBar, run
 
 
 @click.command()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moerge.cli._common import run_offline
+from moerge.cli._common import EXTERNAL_HELP, run_offline
 from moerge.cli.evaluation import training_bar
 from moerge.stats.format import KINDS
 
@@ -25,8 +25,7 @@ from moerge.stats.format import KINDS
 @click.option("--estimator", type=click.Choice(["empirical", "true"]), default="empirical", show_default=True,
               help="fisher/kfac: the true label, or the expectation over labels under the model.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--allow-external-files", is_flag=True,
-              help="Read files that the model folder's index or links place outside it (refused by default).")
+@click.option("--allow-external-files", is_flag=True, help=EXTERNAL_HELP)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def stats(ctx: click.Context, kind: str, model: str, data: str, task: str | None, out: str, track: str,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moerge.errors import CheckpointError
+from moerge.io.containment import shown as shown_name
 from moerge.io.untrusted import read_regular
 
 if TYPE_CHECKING:
@@ -174,9 +175,9 @@ def hf_cache_dirs() -> list[Path]:
 def resolve_reference(ref: str | os.PathLike[str]) -> Path:
     """Turn a path or ``org/name[@revision]`` into a local path, never downloading."""
     text = str(ref)
-    shown = text if len(text) <= 200 else f"{text[:100]}…({len(text):,} characters)"
+    shown = shown_name(text)
     if "\x00" in text:
-        raise CheckpointError(f"{shown!r}: not a path (it holds a NUL character)")
+        raise CheckpointError(f"{shown}: not a path (it holds a NUL character)")
     try:
         path = Path(ref).expanduser()
         if path.exists():
