@@ -58,8 +58,11 @@ SIZES: dict[str, dict[str, int]] = {
 }
 EXPERT_SCALE, EXPERT_DENSITY, SHARD_SIZE = 0.01, 0.1, "2GB"  # deltas: 10% of entries, 0.01·rms
 EXPERTS = ("ft1", "ft2", "ft3")
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp", "model_stock")
-RANDOM_METHODS = {"dare_ties"}  # mergekit's RNG differs from moerge's: report, don't judge
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp", "model_stock",
+           "della", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
+# mergekit's RNG differs from moerge's: report, don't judge (arcee_fusion: mergekit samples its quartiles
+# from tensors of more than 10⁶ entries, moerge computes them exactly)
+RANDOM_METHODS = {"dare_ties", "della", "arcee_fusion"}
 TOOLS = ("moerge", "mergekit")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # neither tool may reach a hub
 
@@ -139,11 +142,21 @@ def recipe(method: str, root: Path) -> dict:
         r["models"] = experts()
     elif method == "slerp":
         r |= {"base_model": base, "models": [{"model": base}, {"model": fts[0]}], "parameters": {"t": 0.5}}
-    elif method == "model_stock":
+    elif method in ("model_stock", "karcher", "ram", "ramplus_tl"):
         r |= {"base_model": base, "models": [{"model": f} for f in fts]}
+        if method.startswith("ram"):
+            r["parameters"] = {"epsilon": 1e-4}
+    elif method in ("nearswap", "arcee_fusion"):
+        r |= {"base_model": base, "models": [{"model": fts[0]}]}
+        if method == "nearswap":
+            r["parameters"] = {"t": 1e-3}
+    elif method in ("nuslerp", "multislerp"):
+        r |= {"base_model": base, "models": experts()[:2] if method == "nuslerp" else experts()}
+    elif method == "sce":
+        r |= {"base_model": base, "models": [{"model": f} for f in fts], "parameters": {"select_topk": 0.5}}
     else:
         params = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
-                  "breadcrumbs": {"density": 0.9, "gamma": 0.01}}[method]
+                  "breadcrumbs": {"density": 0.9, "gamma": 0.01}, "della": {"density": 0.5, "epsilon": 0.15}}[method]
         r |= {"base_model": base, "models": experts(**params)}
     r["dtype"] = "bfloat16"
     return r

@@ -279,6 +279,9 @@ def _item_cost(reader: _Reader, item: WorkItem, block: int) -> int:
         refs = [item.copy_from]
     whole = item.copy_from is not None or item.row_fix or reader.maps(item)
     cost = item.nbytes
+    if item.copy_from is None and plan.method.whole_tensor is not None and plan.method.whole_tensor(item.params):
+        whole = True  # one block: every input whole, in float32, and the method's workspace
+        cost += math.prod(item.shape) * 4 * (len(refs) + 4)
     for r in refs:
         info = plan.checkpoints[r.model].info(r.tensor)
         itemsize = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
@@ -294,19 +297,27 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
         return reader.raw(item.copy_from), {}
     inp = reader.load(item)
     notes: dict[str, Any] = {}
-    numel = inp.numel
     if plan.stats_kind is not None:
         extra = dict(extra, stats=_ItemStats(reader, item, extra["_norms"]) if item.stats else None)
     try:
         merger = plan.method.build(item.shape, item.model_params, item.params, seed=item.seed, notes=notes,
-                                   conventions=plan.recipe.conventions, name=item.name, **extra)
+                                   conventions=plan.recipe.conventions, name=item.name,
+                                   has_base=item.base is not None, **extra)
     except ValueError as err:
         raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {err}") from None
-    ranges = block_ranges(numel, item.shape, block, merger.row_aligned)
+    try:
+        return _run_merger(plan, reader, merger, inp, block), notes
+    except ValueError as err:  # a method's own check of the data (e.g. antipodal models for multislerp)
+        raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {err}") from None
+
+
+def _run_merger(plan: Plan, reader: _Reader, merger: TensorMerger, inp: _Inputs, block: int) -> torch.Tensor:
+    item, numel = inp.item, inp.numel
+    ranges = block_ranges(numel, item.shape, block, merger.row_aligned, merger.whole_block)
     out = torch.empty(numel, dtype=getattr(torch, item.dtype))
     if reader.native and merger.native_ok():
         _merge_native(plan, reader, merger, inp, ranges, out)
-        return out.view(item.shape), notes
+        return out.view(item.shape)
     first = True
     p = 0
     while p < merger.passes:  # read afresh: a merger may find it needs another pass
@@ -322,7 +333,7 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
             # finite in float32, not in the output dtype: an overflow
             raise _output_error(plan.method.name, item, overflow=first_nonfinite(exact) is None)
         out[s:e] = blk.cpu()
-    return out.view(item.shape), notes
+    return out.view(item.shape)
 
 
 def _merge_native(plan: Plan, reader: _Reader, merger: TensorMerger, inp: _Inputs, ranges: list[tuple[int, int]],

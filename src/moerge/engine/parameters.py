@@ -18,6 +18,15 @@ from moerge.recipe.params import NOT_SET, check_shape, evaluate
 # mergekit-only parameters that change nothing in moerge's arithmetic
 IGNORED_PARAMS = {"int8_mask"}
 
+
+
+def _someones_parameter(key: str) -> bool:
+    """Whether ``key`` is a parameter of any registered method (so not a typo)."""
+    from moerge.methods import all_methods
+
+    return any(m.param(key) is not None for m in all_methods().values())
+
+
 Levels = list[tuple[dict[str, Any], tuple[Any, ...]]]  # (parameters, their path in the recipe), first wins
 
 
@@ -46,6 +55,11 @@ class RecipeParameters:
             if key in IGNORED_PARAMS:
                 continue
             p = self.method.param(key)
+            if p is None and self.loaded.format == "mergekit" and _someones_parameter(key):
+                # mergekit ignores parameters its method does not read (a copied `weight:` under sce)
+                self.warnings.append(f"{where}: {self.method.name} has no parameter {key!r}; ignored, as "
+                                     "mergekit ignores it")
+                continue
             if p is None:
                 known = ", ".join(sorted(names)) or "none"
                 raise PlanError(

@@ -26,7 +26,7 @@ from moerge.io.sources import TensorSource
 from moerge.methods import MergeMethod
 from moerge.methods.masks import tensor_seed
 from moerge.recipe.loader import LoadedRecipe
-from moerge.recipe.schema import Recipe
+from moerge.recipe.schema import ModelEntry, Recipe
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -217,6 +217,10 @@ class _Planner:
         uses_base = m.needs_base or (m.optional_base and base_idx is not None)
         if uses_base:
             entries = [(i, e) for i, e in entries if e.model != r.base_model]
+        elif m.base_joins and self.loaded.format == "mergekit" and r.base_model and all(
+                e.model != r.base_model for e in r.models or []):
+            # as mergekit does for a method without a base: the base model joins the inputs, last
+            entries.append((len(entries), ModelEntry(model=r.base_model)))
         else:
             if r.base_model and all(e.model != r.base_model for e in r.models or []):
                 self.warnings.append(f"{m.name} does not use a base model; {r.base_model} is ignored "

@@ -12,7 +12,8 @@ from moerge.errors import UnknownMethodError, did_you_mean
 from moerge.methods.base import CONVENTIONS, MergeMethod, Param, register, registry
 
 FAMILIES = ("linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "slerp", "model_stock",
-            "passthrough", "fisher", "regmean", "mats")
+            "passthrough", "fisher", "regmean", "mats", "della", "sce", "spherical", "nearswap",
+            "arcee_fusion", "ram")
 _loaded = False
 
 

@@ -127,6 +127,11 @@ class MergeMethod:
     optional_base: bool = False
     # For an optional base: a reason why these global parameters need one (or None).
     requires_base: Callable[[dict[str, Any]], str | None] | None = None
+    # Whether, with these global parameters, a tensor is merged as one block (costed as such).
+    whole_tensor: Callable[[dict[str, Any]], bool] | None = None
+    # mergekit format: a base_model not listed among the models joins them as an ordinary model
+    # (mergekit appends it to the inputs of methods that have no base).
+    base_joins: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -164,6 +169,7 @@ class MergeMethod:
         from moerge import native as kernels
         from moerge.methods.protocol import BLOCK, run_whole
 
+        extra.setdefault("has_base", base is not None)
         merger = self.build(tuple(models[0].shape), model_params, params, **extra)
         use_native = native and kernels.available() and merger.native_ok()
         return run_whole(merger, base, list(models), block or BLOCK, native=use_native, out_dtype=out_dtype)
@@ -186,6 +192,8 @@ def register(
     stats: tuple[str, ...] = (),
     optional_base: bool = False,
     requires_base: Callable[[dict[str, Any]], str | None] | None = None,
+    whole_tensor: Callable[[dict[str, Any]], bool] | None = None,
+    base_joins: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merger factory ``fn(shape, **params) -> TensorMerger`` under ``name``."""
 
@@ -195,6 +203,7 @@ def register(
         _REGISTRY[name] = MergeMethod(
             name, fn, params, summary, citation, needs_base, min_models, max_models,
             family or fn.__module__.rsplit(".", 1)[-1], prepass, stats, optional_base, requires_base,
+            whole_tensor, base_joins,
         )
         return fn
 

@@ -40,10 +40,35 @@ def bernoulli_keep_range(start: int, stop: int, density: float, seed: int,
     same whether the tensor is processed whole, in blocks of any size, in any
     order, on any device, or by the native kernel (``moerge.native``).
     """
+    return uniform24_range(start, stop, seed, device) < min(1 << 24, math.ceil(density * (1 << 24)))
+
+
+def uniform24_range(start: int, stop: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Elements [start, stop) of a seeded stream of integers uniform in [0, 2²⁴) (int64).
+
+    Element i is the top 24 bits of h(i) = mix(mix(i_lo ^ s_lo) ^ s_hi ^ i_hi).
+    Keeping i iff its value is below ⌈p·2²⁴⌉ keeps it with probability p (to
+    2⁻²⁴); ``p`` may differ per element (DELLA's magnitude-ranked probabilities).
+    """
     idx = torch.arange(start, stop, dtype=torch.int64, device=device)
     h = _mix32((idx & M32) ^ (seed & M32))
     h = _mix32(h ^ ((seed >> 32) & M32) ^ (idx >> 32))
-    return (h >> 8) < min(1 << 24, math.ceil(density * (1 << 24)))
+    return h >> 8
+
+
+def keep_with_probability(start: int, p: torch.Tensor, seed: int) -> torch.Tensor:
+    """Keep-mask of the elements [start, start + p.numel()) of a flat tensor, element i with
+    probability p[i] (clipped to [0, 1]), from the stream of :func:`uniform24_range`."""
+    u = uniform24_range(start, start + p.numel(), seed, p.device).view(p.shape)
+    return u < torch.ceil(p.double().clamp(0.0, 1.0) * (1 << 24)).to(torch.int64)
+
+
+def sample_indices(count: int, n: int, seed: int) -> torch.Tensor:
+    """``count`` positions in [0, n) drawn uniformly with replacement, reproducible from ``seed``
+    (a 48-bit draw modulo n per position: the bias is below n·2⁻⁴⁸)."""
+    hi = uniform24_range(0, count, seed)
+    lo = uniform24_range(count, 2 * count, seed)
+    return ((hi << 24) | lo) % n
 
 
 def bernoulli_keep(shape: torch.Size | tuple[int, ...], density: float, seed: int,

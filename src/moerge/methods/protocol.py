@@ -24,6 +24,7 @@ class TensorMerger(ABC):
 
     passes = 0
     row_aligned = False  # blocks must hold whole rows (dim 0) of the tensor
+    whole_block = False  # one block holds the whole tensor (a rank or a softmax over all of it)
 
     def observe(self, p: int, start: int, base: torch.Tensor | None, models: list[torch.Tensor]) -> None:  # noqa: B027 - optional hook
         """Accumulate statistics of pass ``p`` from one block."""
@@ -60,10 +61,14 @@ class TensorMerger(ABC):
         raise NotImplementedError
 
 
-def block_ranges(numel: int, shape: tuple[int, ...], block: int, row_aligned: bool) -> list[tuple[int, int]]:
-    """[start, stop) ranges covering ``numel`` elements; whole rows when ``row_aligned``."""
+def block_ranges(numel: int, shape: tuple[int, ...], block: int, row_aligned: bool,
+                 whole: bool = False) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering ``numel`` elements; whole rows when ``row_aligned``; one range
+    when ``whole``."""
     if numel == 0:
         return []
+    if whole:
+        return [(0, numel)]
     if row_aligned and len(shape) >= 2 and shape[0] > 0:
         row = numel // shape[0]
         block = max(1, block // row) * row
@@ -81,7 +86,7 @@ def run_whole(merger: TensorMerger, base: torch.Tensor | None, models: list[torc
     shape = tuple(models[0].shape)
     flat_b = base.reshape(-1) if base is not None else None
     flat_m = [m.reshape(-1) for m in models]
-    ranges = block_ranges(flat_m[0].numel(), shape, block, merger.row_aligned)
+    ranges = block_ranges(flat_m[0].numel(), shape, block, merger.row_aligned, merger.whole_block)
 
     def blk(s: int, e: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         return (flat_b[s:e] if flat_b is not None else None), [m[s:e] for m in flat_m]
