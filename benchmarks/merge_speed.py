@@ -431,7 +431,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [r for r in result["medians"] if r["size"] != "-"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(14, 5.5))
-    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(METHODS)}
     style = {"moerge": ("-", "o"), "mergekit": ("--", "s"), "moerge-cuda": (":", "^")}
     for method in METHODS:
         for tool, (ls, mk) in style.items():

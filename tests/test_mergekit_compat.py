@@ -63,6 +63,18 @@ def test_fixture_recipes_cover_every_classic_method():
             "model_stock", "passthrough"} <= methods
 
 
+def test_fixture_recipes_cover_every_method_mergekit_registers():
+    """mergekit 0.1.5 registers 20 methods; each has a fixture made by mergekit (DELLA at density 1,
+    its deterministic case), except breadcrumbs_ties, which shares breadcrumbs' and ties' code paths."""
+    methods = {moerge.load_recipe(FIXTURES / "recipes" / f"{n}.yaml").recipe.method for n in RECIPES}
+    newer = {"della", "della_linear", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion",
+             "ram", "ramplus_tl"}
+    assert newer <= methods
+    from moerge.methods import all_methods
+
+    assert newer <= set(all_methods())
+
+
 def check_divergence(name, ours, theirs, res):
     if DIVERGENT[name] == "ignored parameter":
         assert any("mergekit ignores 'consensus_method'" in w for w in res.warnings)

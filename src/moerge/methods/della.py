@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
@@ -34,19 +35,28 @@ CITATION = ("Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Mer
             "Magnitude-Based Sampling (arXiv:2406.11617)")
 
 
+def _ranks(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Ascending ranks along ``dim`` (ties by position): one stable sort and a scatter."""
+    order = torch.argsort(x, dim=dim, stable=True)
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    positions = torch.arange(x.shape[dim], device=x.device).view(shape).expand_as(order)
+    return torch.empty_like(order).scatter_(dim, order, positions)
+
+
 def della_probabilities(magnitude: torch.Tensor, density: float, half_width: float, rank_scope: str,
                         shape: tuple[int, ...]) -> torch.Tensor:
     """Keep probabilities of a block of whole rows (``row``) or of the whole tensor (``tensor``)."""
     flat = magnitude.reshape(-1)
     if rank_scope == "tensor":
         n = flat.numel()
-        rank = torch.argsort(torch.argsort(flat, stable=True), stable=True).to(torch.float64)
+        rank = _ranks(flat, 0).to(torch.float64)
         rho = (rank + 1.0) / n
     else:
         d1 = shape[1] if len(shape) >= 2 else flat.numel()
         rest = math.prod(shape[2:]) if len(shape) >= 2 else 1
         m = flat.view(-1, d1, rest)
-        rank = torch.argsort(torch.argsort(m, dim=1, stable=True), dim=1, stable=True).to(torch.float64)
+        rank = _ranks(m, 1).to(torch.float64)
         # mergekit divides by (m − 1): NaN for rows of one entry, which moerge keeps at ρ = ½ (p = density)
         rho = (rank / (d1 - 1)).reshape(-1) if d1 > 1 else torch.full_like(flat, 0.5, dtype=torch.float64)
     return (density + half_width * (2.0 * rho - 1.0)).clamp(0.0, 1.0)
@@ -62,6 +72,8 @@ class MagPruneSparsifier(Sparsifier):
         self.inverse = rescale and rescale_norm == "inverse_probability"
         self.passes = 1 if rescale and rescale_norm == "l1" else 0
         self.before = self.after = 0.0
+        # the L1 pass's keep-masks, bit-packed per block, so the output pass need not rank again
+        self.bits: dict[int, np.ndarray] = {}
 
     def _keep(self, start: int, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = della_probabilities(delta.abs(), self.density, self.half_width, self.rank_scope, self.shape)
@@ -72,12 +84,18 @@ class MagPruneSparsifier(Sparsifier):
         a = delta.abs().double()
         self.before += float(a.sum())
         self.after += float((a * keep).sum())
+        if not self.inverse:
+            self.bits[start] = np.packbits(keep.reshape(-1).cpu().numpy())
 
     def end_pass(self, p: int) -> None:
         if self.before >= 1e-7 and self.after >= 1e-7:  # mergekit: skipped when either L1 norm is ~0
             self.scale = self.before / self.after
 
     def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor | None:
+        bits = self.bits.pop(start, None)
+        if bits is not None:
+            unpacked = np.unpackbits(bits, count=delta.numel()).astype(bool)
+            return torch.from_numpy(unpacked).to(delta.device).view(delta.shape)
         keep, p = self._keep(start, delta)
         if self.inverse:
             return torch.where(keep, 1.0 / p.clamp_min(1e-12), 0.0).to(delta.dtype)
