@@ -248,9 +248,13 @@ def test_della_bad_epsilon_is_a_plan_error_naming_the_tensor(tmp_path, llama):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: della\nbase_model: {base}\nmodels:\n  - model: {a}\n"
                       "    parameters: {density: 0.1, epsilon: 0.3}\n")
-    with pytest.raises(PlanError, match=r"della cannot merge tensor '.*': model 1: density ± epsilon/2"):
+    with pytest.raises(PlanError, match=r"della: model 1: density ± epsilon/2 .* \(tensor '.*'\)"):
+        moerge.merge(recipe, tmp_path / "out", dry_run=True)  # found by the planner, before anything runs
+    with pytest.raises(PlanError, match=r"model 1: density ± epsilon/2"):
         moerge.merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="density ± epsilon must"):  # and by the method itself
+        run("della", torch.zeros(4), [torch.ones(4)], density=[0.1], epsilon=[0.15], epsilon_spread="full")
 
 
 # --- Arcee Fusion --------------------------------------------------------------------------------

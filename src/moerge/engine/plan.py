@@ -252,6 +252,8 @@ class _Planner:
                 for i, e in entries
             ]
             dtype = info.dtype if info.dtype not in FLOAT_DTYPES else (out_dtype or info.dtype)
+            if m.check is not None and info.dtype in FLOAT_DTYPES and (why := m.check(mparams, gparams)):
+                raise PlanError(f"{self.loaded.source}: {m.name}: {why} (tensor {name!r})")
             if not items and base_idx is None and m.requires_base and (why := m.requires_base(gparams)):
                 raise PlanError(f"{self.loaded.source}: {m.name}: {why}; add base_model to the recipe")
             item = WorkItem(

@@ -132,6 +132,8 @@ class MergeMethod:
     # mergekit format: a base_model not listed among the models joins them as an ordinary model
     # (mergekit appends it to the inputs of methods that have no base).
     base_joins: bool = False
+    # A check of one tensor's resolved parameters (per model, global) before anything runs: an error text or None.
+    check: Callable[[list[dict[str, Any]], dict[str, Any]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -194,6 +196,7 @@ def register(
     requires_base: Callable[[dict[str, Any]], str | None] | None = None,
     whole_tensor: Callable[[dict[str, Any]], bool] | None = None,
     base_joins: bool = False,
+    check: Callable[[list[dict[str, Any]], dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merger factory ``fn(shape, **params) -> TensorMerger`` under ``name``."""
 
@@ -203,7 +206,7 @@ def register(
         _REGISTRY[name] = MergeMethod(
             name, fn, params, summary, citation, needs_base, min_models, max_models,
             family or fn.__module__.rsplit(".", 1)[-1], prepass, stats, optional_base, requires_base,
-            whole_tensor, base_joins,
+            whole_tensor, base_joins, check,
         )
         return fn
 

@@ -107,18 +107,32 @@ class DellaMerger(TaskVectorMerger):
         return False
 
 
+def spread_error(density: list[float], epsilon: list[float], epsilon_spread: str) -> str | None:
+    """Why these keep probabilities would leave (0, 1), or None (density 1 prunes nothing: always fine)."""
+    for i, (d, eps) in enumerate(zip(density, epsilon)):
+        half = eps if epsilon_spread == "full" else eps / 2.0
+        if d < 1.0 and (d + half >= 1.0 or d - half <= 0.0):
+            width = "epsilon" if epsilon_spread == "full" else "epsilon/2"
+            return (f"model {i + 1}: density ± {width} must lie inside (0, 1); got density {d:g}, epsilon {eps:g} "
+                    f"(epsilon_spread: {epsilon_spread})")
+    return None
+
+
+def _check(model_params: list[dict], params: dict) -> str | None:
+    return spread_error([mp["density"] for mp in model_params], [mp["epsilon"] for mp in model_params],
+                        params["epsilon_spread"])
+
+
 def _sparsifiers(shape: tuple[int, ...], density: list[float], epsilon: list[float], seed: int, rescale: bool,
                  rescale_norm: str, rank_scope: str, epsilon_spread: str) -> list[Sparsifier]:
+    if (why := spread_error(density, epsilon, epsilon_spread)) is not None:
+        raise ValueError(why)
     out: list[Sparsifier] = []
     for i, (d, eps) in enumerate(zip(density, epsilon)):
+        half = eps if epsilon_spread == "full" else eps / 2.0
         if d >= 1.0:
             out.append(Sparsifier())
             continue
-        half = eps if epsilon_spread == "full" else eps / 2.0
-        if d + half >= 1.0 or d - half <= 0.0:
-            width = "epsilon" if epsilon_spread == "full" else "epsilon/2"
-            raise ValueError(f"model {i + 1}: density ± {width} must lie inside (0, 1); got density {d:g}, "
-                             f"epsilon {eps:g} (epsilon_spread: {epsilon_spread})")
         out.append(MagPruneSparsifier(shape, d, half, tensor_seed(seed, i), rescale, rescale_norm, rank_scope))
     return out
 
@@ -164,6 +178,7 @@ def _whole(params: dict) -> bool:
     citation=CITATION,
     needs_base=True,
     whole_tensor=_whole,
+    check=_check,
 )
 def della(shape: tuple[int, ...], *, weight: list[float], density: list[float], epsilon: list[float], lam: float,
           rescale: bool, rescale_norm: str, rank_scope: str, epsilon_spread: str, normalize: bool,
@@ -182,6 +197,7 @@ def della(shape: tuple[int, ...], *, weight: list[float], density: list[float], 
     citation=CITATION,
     needs_base=True,
     whole_tensor=_whole,
+    check=_check,
 )
 def della_linear(shape: tuple[int, ...], *, weight: list[float], density: list[float], epsilon: list[float],
                  lam: float, rescale: bool, rescale_norm: str, rank_scope: str, epsilon_spread: str,
