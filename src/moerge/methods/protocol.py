@@ -84,6 +84,10 @@ def run_whole(merger: TensorMerger, base: torch.Tensor | None, models: list[torc
     go through the torch path as float32.
     """
     shape = tuple(models[0].shape)
+    in_dtype = models[0].dtype
+    if not native:  # the torch path computes in float32, as the executor's does
+        base = base.float() if base is not None else None
+        models = [m.float() for m in models]
     flat_b = base.reshape(-1) if base is not None else None
     flat_m = [m.reshape(-1) for m in models]
     ranges = block_ranges(flat_m[0].numel(), shape, block, merger.row_aligned, merger.whole_block)
@@ -110,7 +114,7 @@ def run_whole(merger: TensorMerger, base: torch.Tensor | None, models: list[torc
         for s, e in ranges:
             merger.emit_native(s, *blk(s, e), out[s:e], flags)
         return out.view(shape)
-    out = torch.empty_like(flat_m[0])
+    out = torch.empty(flat_m[0].numel(), dtype=out_dtype or in_dtype)
     for s, e in ranges:
         out[s:e] = merger.emit(s, *blk(s, e))
     return out.view(shape)
