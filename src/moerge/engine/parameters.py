@@ -19,7 +19,6 @@ from moerge.recipe.params import NOT_SET, check_shape, evaluate
 IGNORED_PARAMS = {"int8_mask"}
 
 
-
 def _someones_parameter(key: str) -> bool:
     """Whether ``key`` is a parameter of any registered method (so not a typo)."""
     from moerge.methods import all_methods
