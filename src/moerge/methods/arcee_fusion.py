@@ -14,6 +14,8 @@ default), or, with ``quantiles: sampled``, samples as mergekit does, seeded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,10 +52,7 @@ class ArceeFusionMerger(TensorMerger):
     row_aligned = True
 
     def __init__(self, shape: tuple[int, ...], sampled: bool, seed: int) -> None:
-        n = 1
-        for d in shape:
-            n *= d
-        self.n = n
+        n = self.n = math.prod(shape)
         self.row = shape[-1] if len(shape) >= 2 else max(n, 1)
         self.whole_block = len(shape) < 2
         self.threshold: float | None = None

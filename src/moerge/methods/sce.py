@@ -17,6 +17,8 @@ Passes: one to count non-zero variances, the exact selection's (two), one for th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moerge.methods.base import Param, register
@@ -106,7 +108,4 @@ class SceMerger(TensorMerger):
 )
 def sce(shape: tuple[int, ...], *, select_topk: float, n_models: int) -> SceMerger:
     """θ₀ + Σ wᵢτᵢ[agree]/Σ wᵢ[agree] over the selected entries (see the module)."""
-    n = 1
-    for d in shape:
-        n *= d
-    return SceMerger(n, n_models, select_topk)
+    return SceMerger(math.prod(shape), n_models, select_topk)

@@ -14,7 +14,7 @@ separately: its statistics are per vector (see :class:`VectorGram`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from abc import abstractmethod
 
 import torch
 
@@ -39,10 +39,11 @@ class GramMerger(TensorMerger):
         self.n, self.deltas = n, deltas
         self.gram = torch.zeros(n, n, dtype=torch.float64)
         self.coef: list[float] = []
-        self.notes: dict[str, Any] | None = None
+        self._native = False  # the Gram matrix came from the native kernels (upper triangle only)
 
+    @abstractmethod
     def coefficients(self, g: torch.Tensor) -> list[float]:
-        raise NotImplementedError
+        """The cᵢ of the output Σ cᵢxᵢ, from the full Gram matrix of the xᵢ."""
 
     def _vectors(self, base, models) -> list[torch.Tensor]:
         return [(m - base).double() if self.deltas else m.double() for m in models]
@@ -53,8 +54,6 @@ class GramMerger(TensorMerger):
 
     def end_pass(self, p: int) -> None:
         self.coef = [float(c) for c in self.coefficients(_sym(self.gram) if self._native else self.gram)]
-
-    _native = False
 
     def emit(self, start, base, models) -> torch.Tensor:
         out = base.clone() if self.deltas else torch.zeros_like(models[0])
