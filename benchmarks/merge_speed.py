@@ -59,7 +59,10 @@ SIZES: dict[str, dict[str, int]] = {
 EXPERT_SCALE, EXPERT_DENSITY, SHARD_SIZE = 0.01, 0.1, "2GB"  # deltas: 10% of entries, 0.01·rms
 EXPERTS = ("ft1", "ft2", "ft3")
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp", "model_stock",
-           "della", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
+           "della", "sce", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
+           "tsv_m", "iso_c", "iso_cts", "knots", "wudi", "wudi_exact")
+# methods mergekit does not have: moerge against the I/O floor only (wudi_exact = wudi with solver: exact)
+MOERGE_ONLY = {"tsv_m", "iso_c", "iso_cts", "knots", "wudi", "wudi_exact"}
 # mergekit's RNG differs from moerge's: report, don't judge (arcee_fusion: mergekit samples its quartiles
 # from tensors of more than 10⁶ entries, moerge computes them exactly)
 RANDOM_METHODS = {"dare_ties", "della", "arcee_fusion"}
@@ -137,7 +140,7 @@ def recipe(method: str, root: Path) -> dict:
     def experts(**params: float) -> list[dict]:
         return [{"model": f, "parameters": {"weight": 1.0, **params}} for f in fts]
 
-    r: dict = {"merge_method": method}
+    r: dict = {"merge_method": "wudi" if method == "wudi_exact" else method}
     if method == "linear":
         r["models"] = experts()
     elif method == "slerp":
@@ -152,6 +155,10 @@ def recipe(method: str, root: Path) -> dict:
             r["parameters"] = {"t": 1e-3}
     elif method in ("nuslerp", "multislerp"):
         r |= {"base_model": base, "models": experts()[:2] if method == "nuslerp" else experts()}
+    elif method in MOERGE_ONLY:
+        r |= {"base_model": base, "models": [{"model": f} for f in fts]}
+        if method == "wudi_exact":
+            r["parameters"] = {"solver": "exact"}
     elif method == "sce":
         r |= {"base_model": base, "models": [{"model": f} for f in fts], "parameters": {"select_topk": 0.5}}
     else:
@@ -301,6 +308,8 @@ def bench_method(size: str, method: str, tools: dict[str, list[str]], pairs: int
     rdir, work, logs = root / "recipes", root / "out", CACHE / "logs"
     for d in (rdir, work, logs):
         d.mkdir(parents=True, exist_ok=True)
+    if method in MOERGE_ONLY:
+        tools = {t: c for t, c in tools.items() if t != "mergekit"}
     r = recipe(method, root)
     rpath = rdir / f"{method}.yaml"
     rpath.write_text(yaml.safe_dump(r, sort_keys=False))
@@ -331,7 +340,7 @@ def bench_method(size: str, method: str, tools: dict[str, list[str]], pairs: int
 
     print(f"  {size} {method}: {len(inputs)} input files, {sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB",
           flush=True)
-    warmups = {t: run(t, -1, keep=True) for t in tools}
+    warmups = {t: run(t, 0 if pairs == 0 else -1, keep=True) for t in tools}  # --pairs 0: the one run counts
     if "mergekit" in tools:
         for tool in tools:
             if tool == "mergekit":
@@ -353,6 +362,9 @@ def bench_method(size: str, method: str, tools: dict[str, list[str]], pairs: int
     for rep in range(pairs):
         for tool in (*tools, "floor_read", "floor_write"):
             run(tool, rep)
+    if pairs == 0:
+        for tool in ("floor_read", "floor_write"):
+            run(tool, 0)
 
 
 def time_startup(commands: dict[str, list[str]], runs: list, n: int = 5) -> None:
@@ -544,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.merge_speed", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    ap.add_argument("--pairs", type=int, default=3, help="timed A/B pairs after the warm-up (default 3)")
+    ap.add_argument("--pairs", type=int, default=3, help="timed A/B pairs after the warm-up (default 3; 0: one run of each, "
+                    "which is both the output check and the measurement: for long runs, noisier)")
     ap.add_argument("--mergekit", metavar="PATH", help="a mergekit-yaml to use instead of the benchmark's venv")
     ap.add_argument("--no-mergekit", action="store_true", help="measure moerge and the floor only")
     ap.add_argument("--quick", action="store_true", help="smoke test: 0.1B only, 1 pair")

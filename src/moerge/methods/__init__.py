@@ -13,7 +13,7 @@ from moerge.methods.base import CONVENTIONS, MergeMethod, Param, register, regis
 
 FAMILIES = ("linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "slerp", "model_stock",
             "passthrough", "fisher", "regmean", "mats", "della", "sce", "spherical", "nearswap",
-            "arcee_fusion", "ram")
+            "arcee_fusion", "ram", "subspace", "wudi")
 _loaded = False
 
 

@@ -100,9 +100,11 @@ class Param:
             return "|".join(self.choices)
         if self.kind is bool:
             return "bool"
-        lo = "" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
-        hi = "" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
-        rng = f" {lo}, {hi}" if lo or hi else ""
+        if self.low is None and self.high is None:
+            return self.kind.__name__
+        lo = "(-inf" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
+        hi = "inf)" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
+        rng = f" {lo}, {hi}"
         return self.kind.__name__ + rng
 
 
