@@ -286,10 +286,6 @@ def test_cli_missing_recipe_file(tmp_path):
 
 
 def test_mergekit_unsupported_features_are_explained(llama, tmp_path):
-    r = {"merge_method": "linear", "models": [{"model": str(llama["ft1"]), "parameters": {"weight": 1.0}}],
-         "tokenizer_source": "union"}
-    with pytest.raises(RecipeError, match="union.*not supported yet"):
-        moerge.merge(r, tmp_path / "out")
     r = {"merge_method": "linear", "models": [{"model": str(llama["ft1"]) + "+some/lora"}]}
     with pytest.raises(RecipeError, match="model\\+lora"):
         moerge.merge(r, tmp_path / "out")
@@ -420,13 +416,13 @@ def test_failed_plans_and_merges_close_every_checkpoint(llama, tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_mergekit_keys_moerge_does_not_apply_yet_are_warned_about(llama, tmp_path):
+def test_tokenizer_keys_without_any_tokenizer_are_warned_about(llama, tmp_path):
     text = (f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters: {{weight: 1.0}}\n"
             f"  - model: {llama['ft2']}\n    parameters: {{weight: 1.0}}\nchat_template: chatml\n"
             f"tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n")
     res = moerge.merge(text, tmp_path / "out", dry_run=True)
-    assert any("chat_template is not applied" in w and ":7" in w for w in res.warnings)
-    assert any("pad_to_multiple_of is not applied" in w and "64" in w and ":10" in w for w in res.warnings)
+    assert any("chat template is not saved" in w and ":7" in w for w in res.warnings)
+    assert any("no model has tokenizer files" in w and ":8" in w for w in res.warnings)
     plain = text.split("chat_template")[0]
     assert not moerge.merge(plain, tmp_path / "out", dry_run=True).warnings
 

@@ -137,17 +137,30 @@ def _write_side_files(plan: Plan, writer: ModelWriter, executor_notes: dict[str,
     out_dtype = plan.recipe.output_dtype or _main_dtype(plan)
     cfg = output_config(cfg_ckpt.config, out_dtype, plan.num_layers_out if plan.recipe.slices else None,
                         LAYER_COUNT_KEYS)
+    vocab = plan.vocab
+    if cfg is not None and vocab is not None and vocab.rows is not None:
+        cfg["vocab_size"] = vocab.rows
     if cfg is not None:
         writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
     # copied from the file each name resolved to when it was checked (a link swapped since cannot redirect it)
     for name in CONFIG_SIDE_FILES:
         if (side := cfg_ckpt.side_file(name)) is not None:
             writer.copy_file(Path(os.path.realpath(side)), side.name)
-    for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source]):
-        writer.copy_file(Path(os.path.realpath(f)), f.name)
+    if vocab is not None and vocab.tokenizer is not None:  # built here (a union, added tokens, a chat template)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab.tokenizer.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir()):
+                writer.copy_file(f, f.name)
+    else:
+        for f in tokenizer_files(plan.checkpoints[plan.tokenizer_source]):
+            writer.copy_file(Path(os.path.realpath(f)), f.name)
     recipe_text = plan.loaded.text or _dump_recipe(plan.recipe)
     writer.write_text("moerge_recipe.yaml", recipe_text)
     notes = dict(executor_notes)
+    if vocab is not None and vocab.note:
+        notes["vocabulary"] = vocab.note
     per_tensor = {k: v for k, v in notes.items() if isinstance(v, dict)}
     if per_tensor:  # a solver's report per layer: the whole of it in a file, its extremes in the card
         writer.write_text("moerge_merge_report.json", json.dumps(per_tensor, indent=1) + "\n")

@@ -130,7 +130,7 @@ class _Reader:
         """Whether ``item``'s inputs are mapped whole from the page cache rather than read block by
         block: for the native kernels (which read them in place), when they fit :data:`MAP_LIMIT` and
         the descriptor budget (:func:`moerge.io.descriptors.mapping_budget`). Each pass then reads the page cache directly, with no copy and no system call per block."""
-        if not self.native or item.row_fix or item.copy_from is not None:
+        if not self.native or item.row_fix or item.align or item.copy_from is not None:
             return False
         refs = _refs(item)
         if len(refs) > self.max_mapped or not all(self.plan.checkpoints[r.model].mappable(r.tensor) for r in refs):
@@ -153,6 +153,13 @@ class _Reader:
                 self.bytes_read += sum(m.numel() * m.element_size() for m in mapped)
             return _Inputs(item, mapped[0] if item.base is not None else None,
                            mapped[1:] if item.base is not None else mapped, refs)
+        if item.align:
+            assert self.plan.vocab is not None and self.plan.vocab.alignment is not None
+            raw = {r.model: self.raw(r) for r in refs}
+            rows = self.plan.vocab.alignment.apply(raw)
+            whole = [self._on_device(rows[r.model]) for r in refs]
+            return _Inputs(item, whole[0] if item.base is not None else None,
+                           whole[1:] if item.base is not None else whole, refs)
         if not item.row_fix:
             return _Inputs(item, None, None, refs)
         whole = []
@@ -277,7 +284,7 @@ def _item_cost(reader: _Reader, item: WorkItem, block: int) -> int:
     refs = _refs(item)
     if item.copy_from is not None:
         refs = [item.copy_from]
-    whole = item.copy_from is not None or item.row_fix or reader.maps(item)
+    whole = item.copy_from is not None or item.row_fix or item.align or reader.maps(item)
     cost = item.nbytes
     if item.copy_from is None and plan.method.whole_tensor is not None and plan.method.whole_tensor(item.params):
         whole = True  # one block: every input whole, in float32, and the method's workspace

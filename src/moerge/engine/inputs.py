@@ -37,8 +37,9 @@ class InputChecks:
             raise PlanError(f"{self.loaded.source}: {m.name} takes at most {m.max_models} model(s){extra}, got {n}")
 
     def check(self, name: str, reference: int, others: list[int], shape: tuple[int, ...],
-              names: list[str] | None = None) -> bool:
-        """Check presence and shape of ``name`` in every input; return whether rows need fixing."""
+              names: list[str] | None = None, aligned: bool = False) -> bool:
+        """Check presence and shape of ``name`` in every input; return whether rows need fixing.
+        ``aligned``: its rows follow the vocabulary alignment, so only the other dimensions must agree."""
         ref = self.checkpoints[reference]
         row_fix = False
         for k, idx in enumerate(others):
@@ -58,7 +59,7 @@ class InputChecks:
                     f"({ref.info(name).file}) but {ck.info(tname).dtype} in {ck.ref} ({ck.info(tname).file})",
                     hint="floating-point tensors can only be merged with floating-point tensors",
                 )
-            if other == shape:
+            if other == shape or (aligned and len(other) == len(shape) and other[1:] == shape[1:]):
                 continue
             same_tail = len(other) == len(shape) and other[1:] == shape[1:]
             if same_tail and is_vocab_tensor(tname, ck, other[0], ref, shape[0]):

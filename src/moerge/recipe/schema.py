@@ -76,7 +76,7 @@ class Slice(_Strict):
 
 
 class TokenizerSpec(_Strict):
-    source: str = "base"
+    source: str | None = Field(None, description="union (mergekit's default), base, or a model")
     tokens: dict[str, Any] | None = None
     pad_to_multiple_of: int | None = None
 
@@ -130,12 +130,11 @@ class Recipe(_Strict):
             raise ValueError("'models' is empty")
         if self.slices is not None and not self.slices:
             raise ValueError("'slices' is empty")
-        if self.tokenizer is not None and self.tokenizer.tokens:
-            raise ValueError("tokenizer.tokens (per-token embedding surgery) is not supported yet")
-        source = self.tokenizer.source if self.tokenizer else self.tokenizer_source
-        if source == "union":
-            raise ValueError("tokenizer_source: union (building a merged vocabulary) is not supported "
-                             "yet; use 'base' or a model path")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer:' block, not both")
+        if self.tokenizer is not None and self.tokenizer.pad_to_multiple_of is not None and \
+                self.tokenizer.pad_to_multiple_of < 1:
+            raise ValueError("tokenizer.pad_to_multiple_of must be a positive integer")
         return self
 
     @property
@@ -144,7 +143,9 @@ class Recipe(_Strict):
 
     @property
     def tokenizer_from(self) -> str | None:
-        return self.tokenizer.source if self.tokenizer else self.tokenizer_source
+        if self.tokenizer is not None:
+            return self.tokenizer.source or "union"  # mergekit's default for a tokenizer block
+        return self.tokenizer_source
 
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first."""
