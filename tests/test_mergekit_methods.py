@@ -322,3 +322,11 @@ def test_a_parameter_mergekit_ignores_is_a_warning_not_an_error(tmp_path, monkey
     bad.write_text((FIXTURES / "recipes" / "sce.yaml").read_text().replace("weight", "wieght"))
     with pytest.raises(PlanError, match="no parameter 'wieght'"):
         moerge.merge(bad, tmp_path / "out2")
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+def test_native_stream_equals_the_torch_stream_across_the_32_bit_wrap():
+    from moerge.methods.masks import uniform24_torch
+
+    for start, n, seed in [(0, 5000, 3), ((1 << 32) - 2500, 5000, (1 << 63) - 7), (10**10, 4096, 0)]:
+        assert torch.equal(kernels.uniform24(start, n, seed).long(), uniform24_torch(start, start + n, seed))

@@ -260,3 +260,16 @@ def test_data_aware_merge_computes_statistics_once_and_records_their_cost(env: d
     (folder / "moerge_stats.json").write_text(json.dumps(dict(meta, model_hash="0" * 16)))
     exp.recipe("regmean", {}, ["bbc", "tweets"])
     assert json.loads((folder / "moerge_stats.json").read_text())["model_hash"] == meta["model_hash"]
+
+
+def test_every_grid_names_real_methods_and_valid_values():
+    from moerge.evaluation.experiment import GRIDS
+    from moerge.methods import get_method
+
+    for grid in GRIDS.values():
+        for method, values in grid.items():
+            m = get_method(method)
+            for name, options in values.items():
+                p = m.param(name)
+                assert p is not None, (method, name)
+                assert all(p.check(v) is None for v in options), (method, name, options)

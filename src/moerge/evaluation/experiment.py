@@ -47,8 +47,8 @@ from moerge.runtime.models import files_hash
 from moerge.stats.format import META as STATS_META
 from moerge.stats.format import read_meta, stale_for
 
-# data-free methods of the engine and the values tried on validation (slerp takes one model: not in a
-# many-expert comparison; passthrough does not merge)
+# data-free methods of the engine and the values tried on validation (slerp, nuslerp, nearswap and arcee_fusion
+# take one or two models: not in a many-expert comparison; passthrough does not merge)
 GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
     "full": {
         "linear": {},
@@ -62,6 +62,18 @@ GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
         "fisher": {},
         "regmean": {"alpha": [0.5, 0.9, 1.0]},
         "mats": {"init_lambda": [0.3, 1.0], "iterations": [10, 50]},
+        "della": {"density": [0.3, 0.5], "lambda": [0.5, 1.0]},
+        "della_linear": {"density": [0.3, 0.5], "lambda": [0.3, 0.5, 0.7]},
+        "sce": {"select_topk": [0.1, 0.5, 1.0]},
+        "multislerp": {},
+        "karcher": {},
+        "ram": {},
+        "ramplus_tl": {},
+        "tsv_m": {"lambda": [0.5, 1.0, 1.5]},
+        "iso_c": {"lambda": [0.5, 1.0, 1.5]},
+        "iso_cts": {"lambda": [0.5, 1.0, 1.5]},
+        "knots": {"density": [0.2, 1.0], "lambda": [0.5, 1.0]},
+        "wudi": {"lambda": [0.5, 1.0]},
     },
     "small": {
         "linear": {},
@@ -75,6 +87,16 @@ GRIDS: dict[str, dict[str, dict[str, list[Any]]]] = {
         "fisher": {},
         "regmean": {"alpha": [0.5, 0.95]},
         "mats": {"init_lambda": [0.3, 1.0], "iterations": [10]},
+        "della": {"density": [0.5], "lambda": [0.7, 1.0]},
+        "sce": {"select_topk": [0.1, 1.0]},
+        "multislerp": {},
+        "karcher": {},
+        "ram": {},
+        "tsv_m": {"lambda": [0.7, 1.0, 1.5]},
+        "iso_c": {"lambda": [0.7, 1.0, 1.5]},
+        "iso_cts": {"lambda": [0.7, 1.0, 1.5]},
+        "knots": {"density": [1.0], "lambda": [0.7, 1.0]},
+        "wudi": {"lambda": [0.7, 1.0]},
     },
 }
 # data-aware methods and the statistics each expert brings (computed once, cached in the zoo)

@@ -28,13 +28,20 @@ SAMPLE = 1_000_000
 QUANTILES = (0.25, 0.5, 0.75)
 
 
-def importance(base: torch.Tensor, model: torch.Tensor, row: int) -> torch.Tensor:
-    """The flat importances of whole rows of ``row`` elements (float32)."""
+def row_divergence(base: torch.Tensor, model: torch.Tensor, row: int) -> torch.Tensor:
+    """KL(softmax(model row) ‖ softmax(base row)) of whole rows of ``row`` elements, one value per row."""
     b, m = base.reshape(-1, row), model.reshape(-1, row)
     p = F.softmax(m, dim=-1) + 1e-8
     q = F.softmax(b, dim=-1) + 1e-8
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return ((m - b).abs() * kl).reshape(-1)
+    return (p * torch.log(p / q)).sum(dim=-1)
+
+
+def importance(base: torch.Tensor, model: torch.Tensor, row: int, kl: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat importances |Δ|·KL of whole rows of ``row`` elements (float32); ``kl``: the rows'
+    divergences when already known."""
+    if kl is None:
+        kl = row_divergence(base, model, row)
+    return ((model - base).reshape(-1, row).abs() * kl.unsqueeze(1)).reshape(-1)
 
 
 def quantile_ranks(n: int) -> list[int]:
@@ -57,6 +64,8 @@ class ArceeFusionMerger(TensorMerger):
         self.whole_block = len(shape) < 2
         self.threshold: float | None = None
         self.sample: torch.Tensor | None = None
+        # each row's divergence, computed once (the softmaxes are most of the cost) and reused by every pass
+        self.kl = torch.full((max(n // self.row, 1),), float("nan"))
         if sampled and n > SAMPLE:
             idx = sample_indices(SAMPLE, n, seed)
             self.sample_at, self.sample_order = torch.sort(idx)
@@ -67,8 +76,19 @@ class ArceeFusionMerger(TensorMerger):
             self.select = RankSelect(quantile_ranks(n))
             self.passes = self.select.passes
 
+    def _importance(self, start: int, base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        r0 = start // self.row
+        r1 = r0 + max(model.numel() // self.row, 1)
+        kl = self.kl[r0:r1]
+        if bool(torch.isnan(kl[0])):
+            kl = row_divergence(base, model, self.row)
+            self.kl[r0:r1] = kl.cpu()
+        else:
+            kl = kl.to(model.device)
+        return importance(base, model, self.row, kl)
+
     def observe(self, p, start, base, models) -> None:
-        imp = importance(base, models[0], self.row)
+        imp = self._importance(start, base, models[0])
         if self.select is not None:
             # the selection takes non-negative floats: a divergence rounded below zero (or −0.0) counts
             # as 0 here, which moves a quartile by that rounding at most
@@ -92,7 +112,7 @@ class ArceeFusionMerger(TensorMerger):
     def emit(self, start, base, models) -> torch.Tensor:
         assert self.threshold is not None
         m = models[0]
-        keep = importance(base, m, self.row) >= self.threshold
+        keep = self._importance(start, base, m) >= self.threshold
         return base + (m - base) * keep
 
 
@@ -100,7 +120,8 @@ class ArceeFusionMerger(TensorMerger):
     "arcee_fusion",
     params=(Param("quantiles", str, "exact", "the quartiles of the importances: exact (streaming selection) "
                   "or from a seeded sample of 10⁶ entries with replacement when the tensor is larger "
-                  "(mergekit's approximation)", choices=("exact", "sampled"), gradient=False, in_mergekit=False),),
+                  "(mergekit's approximation)", choices=("exact", "sampled"), defaults={"mergekit": "sampled"},
+                  gradient=False, in_mergekit=False),),
     summary="take the fine-tuned entries whose importance |Δ|·KL exceeds median + 1.5·IQR, else the base",
     citation="Arcee AI 2025, Arcee Fusion (arcee.ai; mergekit 0.1.5's arcee_fusion, no paper)",
     needs_base=True,

@@ -50,6 +50,16 @@ def uniform24_range(start: int, stop: int, seed: int, device: torch.device | str
     Keeping i iff its value is below ⌈p·2²⁴⌉ keeps it with probability p (to
     2⁻²⁴); ``p`` may differ per element (DELLA's magnitude-ranked probabilities).
     """
+    if torch.device(device).type == "cpu" and stop - start >= 4096:
+        from moerge import native
+
+        if native.available():
+            return native.uniform24(start, stop - start, seed).to(torch.int64)
+    return uniform24_torch(start, stop, seed, device)
+
+
+def uniform24_torch(start: int, stop: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`uniform24_range` in torch arithmetic (any device; the reference of the C kernel)."""
     idx = torch.arange(start, stop, dtype=torch.int64, device=device)
     h = _mix32((idx & M32) ^ (seed & M32))
     h = _mix32(h ^ ((seed >> 32) & M32) ^ (idx >> 32))

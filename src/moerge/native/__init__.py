@@ -54,6 +54,8 @@ def _lib() -> ctypes.CDLL | None:
     i64p = POINTER(c_int64)
     lib.mk_bernoulli.argtypes = [c_int64, c_int64, c_uint64, c_uint32, POINTER(c_uint8)]
     lib.mk_bernoulli.restype = None
+    lib.mk_uniform24.argtypes = [c_int64, c_int64, c_uint64, POINTER(ctypes.c_int32)]
+    lib.mk_uniform24.restype = None
     lib.mk_hist_hi.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, i64p]
     lib.mk_hist_lo.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, c_int, POINTER(ctypes.c_int32), i64p]
     lib.mk_dare_l1.argtypes = [c_void_p, c_int, c_void_p, c_int, c_int64, c_int64, c_uint64, c_uint32,
@@ -171,6 +173,14 @@ def bernoulli(start: int, count: int, seed: int, density: float) -> torch.Tensor
     out = torch.empty(count, dtype=torch.uint8)
     _lib_or_raise().mk_bernoulli(start, count, seed, t24(density), ctypes.cast(out.data_ptr(), POINTER(c_uint8)))
     return out.bool()
+
+
+def uniform24(start: int, count: int, seed: int) -> torch.Tensor:
+    """Elements [start, start+count) of the seeded 24-bit stream (the C twin of ``masks.uniform24_range``),
+    int32."""
+    out = torch.empty(count, dtype=torch.int32)
+    _lib_or_raise().mk_uniform24(start, count, seed & ((1 << 64) - 1), ctypes.cast(out.data_ptr(), POINTER(ctypes.c_int32)))
+    return out
 
 
 def hist_hi(base: torch.Tensor | None, model: torch.Tensor, hist: torch.Tensor) -> int:

@@ -149,6 +149,20 @@ MULTIVERSION EXPORT void mk_bernoulli(int64_t start, int64_t n, uint64_t seed, u
     }
 }
 
+/* The seeded stream itself, top 24 bits of each element's hash (DELLA compares it with a threshold per
+ * element): the C twin of ``masks.uniform24_range``. */
+MULTIVERSION EXPORT void mk_uniform24(int64_t start, int64_t n, uint64_t seed, int32_t *out) {
+    uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
+    for (int64_t c = 0; c < n; c += CH) {
+        int64_t len = n - c < CH ? n - c : CH, off = start + c;
+        uint32_t lo0 = (uint32_t)off, hi0 = (uint32_t)((uint64_t)off >> 32);
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t lo = lo0 + (uint32_t)j;
+            out[c + j] = (int32_t)(mix32(mix32(lo ^ s0) ^ s1 ^ (hi0 + (lo < lo0))) >> 8);
+        }
+    }
+}
+
 /* |model - base| as float32 bits, for a chunk. */
 INLINE int64_t abs_delta_bits(uint32_t *restrict bits, float *restrict tmp, const void *base, int dtb,
                               const void *model, int dtm, int64_t off, int64_t len) {
