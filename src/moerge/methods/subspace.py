@@ -278,7 +278,7 @@ class KnotsMerger(SubspaceMerger):
             return torch.zeros_like(taus[0])
         merged = inner_merge(self.merge, [s.to(torch.float32) for s in svs], self.weight, self.density,
                              self.lam, self.seed)
-        return u @ merged.to(u.dtype)
+        return u @ merged.to(device=u.device, dtype=u.dtype)  # run_whole hands back a CPU tensor
 
 
 def inner_merge(name: str, vectors: list[torch.Tensor], weight: list[float], density: list[float], lam: float,
