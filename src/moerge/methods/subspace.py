@@ -52,6 +52,14 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def total(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Σ τᵢ, accumulated in one new tensor (not a stack of T copies)."""
+    out = taus[0].clone()
+    for t in taus[1:]:
+        out.add_(t)
+    return out
+
+
 def supported(s: torch.Tensor, rtol: float) -> int:
     """How many leading singular values count: none for an all-zero matrix, those above rtol·max otherwise."""
     if s.numel() == 0 or float(s[0]) == 0.0:
@@ -97,7 +105,7 @@ class SubspaceMerger(TensorMerger):
             except torch.linalg.LinAlgError as err:  # e.g. an SVD that does not converge
                 raise ValueError(f"the decomposition failed ({err}); try svd_dtype: float64") from None
         else:
-            merged = torch.stack(self.weighted(taus)).mean(0) * self.lam
+            merged = total(self.weighted(taus)) * (self.lam / len(taus))
         return (base + merged).to(torch.float32)
 
 
@@ -163,7 +171,7 @@ class IsoMerger(SubspaceMerger):
 
 def iso_c_merge(taus: list[torch.Tensor], rtol: float = 0.0) -> torch.Tensor:
     """The sum of the task vectors with its spectrum flattened to its mean singular value."""
-    u, s, vh = svd(torch.stack(taus).sum(0))
+    u, s, vh = svd(total(taus))
     keep = supported(s, rtol)
     if keep == 0:
         return torch.zeros_like(taus[0])
@@ -184,7 +192,7 @@ def iso_cts_merge(taus: list[torch.Tensor], fraction: float, rtol: float = 0.0) 
     """Common subspace of the sum plus each task's own top directions outside it, orthogonalised, isotropic."""
     r = min(taus[0].shape)
     common, per_task = iso_cts_split(r, len(taus), fraction)
-    u, s, vh = svd(torch.stack(taus).sum(0))
+    u, s, vh = svd(total(taus))
     common = min(common, supported(s, rtol))
     uc, sc, vc = u[:, :common], s[:common], vh[:common]
     us, ss, vs = [], [], []

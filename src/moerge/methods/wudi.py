@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from moerge.methods.base import LAMBDA, WEIGHT, Param, register
-from moerge.methods.subspace import EXCLUDE, SubspaceMerger
+from moerge.methods.subspace import EXCLUDE, SubspaceMerger, total
 
 
 def wudi_system(taus: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -48,7 +48,7 @@ def wudi_loss(x: torch.Tensor, taus: list[torch.Tensor]) -> float:
 
 
 def wudi_merge(taus: list[torch.Tensor], iterations: int = 300, lr: float = 1e-5, solver: str = "adam") -> torch.Tensor:
-    start = torch.stack(taus).sum(0)
+    start = total(taus)
     system = wudi_system(taus)
     if system is None:
         return start
