@@ -79,6 +79,13 @@ class _Inputs:
     def numel(self) -> int:
         return math.prod(self.item.shape)
 
+    @classmethod
+    def whole(cls, item: WorkItem, tensors: list[torch.Tensor], refs: list[InputRef]) -> _Inputs:
+        """Inputs held whole, ``tensors`` in the order of ``refs`` (base first, if any)."""
+        if item.base is not None:
+            return cls(item, tensors[0], tensors[1:], refs)
+        return cls(item, None, tensors, refs)
+
 
 class _Reader:
     def __init__(self, plan: Plan, device: torch.device, allow_nonfinite: bool, workers: int = 1) -> None:
@@ -151,23 +158,19 @@ class _Reader:
                 native.note_mapping(t, str(self.plan.checkpoints[r.model].info(r.tensor).file))
             with self._lock:
                 self.bytes_read += sum(m.numel() * m.element_size() for m in mapped)
-            return _Inputs(item, mapped[0] if item.base is not None else None,
-                           mapped[1:] if item.base is not None else mapped, refs)
+            return _Inputs.whole(item, mapped, refs)
         if item.align:
             assert self.plan.vocab is not None and self.plan.vocab.alignment is not None
             raw = {r.model: self.raw(r) for r in refs}
             rows = self.plan.vocab.alignment.apply(raw)
-            whole = [self._on_device(rows[r.model]) for r in refs]
-            return _Inputs(item, whole[0] if item.base is not None else None,
-                           whole[1:] if item.base is not None else whole, refs)
+            return _Inputs.whole(item, [self._on_device(rows[r.model]) for r in refs], refs)
         if not item.row_fix:
             return _Inputs(item, None, None, refs)
         whole = []
         for r in refs:
             t = self.raw(r)
             whole.append(self._on_device(t if t.shape[0] == item.shape[0] else self._fix_rows(t, item)))
-        return _Inputs(item, whole[0] if item.base is not None else None,
-                       whole[1:] if item.base is not None else whole, refs)
+        return _Inputs.whole(item, whole, refs)
 
     def blocks(self, inp: _Inputs, s: int, e: int, check: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Elements [s, e) of every input as float32 on the device (checked for NaN/Inf when ``check``)."""

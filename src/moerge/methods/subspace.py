@@ -20,6 +20,7 @@ Conventions (docs/methods.md has the table):
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -60,6 +61,13 @@ def total(taus: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def top_triplets(x: torch.Tensor, k: int, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (at most) ``k`` leading supported singular triplets of ``x``: U[:, :k], S[:k], Vᵀ[:k]."""
+    u, s, vh = svd(x)
+    keep = min(k, supported(s, rtol))
+    return u[:, :keep], s[:keep], vh[:keep]
+
+
 def supported(s: torch.Tensor, rtol: float) -> int:
     """How many leading singular values count: none for an all-zero matrix, those above rtol·max otherwise."""
     if s.numel() == 0 or float(s[0]) == 0.0:
@@ -83,9 +91,9 @@ class SubspaceMerger(TensorMerger):
         self.matrix = len(shape) == 2 and not exclude and min(shape) > 0
         self.dtype = getattr(torch, svd_dtype)
 
+    @abstractmethod
     def merge_matrix(self, taus: list[torch.Tensor]) -> torch.Tensor:
         """The merged task vector of a 2-D tensor from the raw τᵢ = θᵢ − θ₀ (weights and λ applied here)."""
-        raise NotImplementedError
 
     def weighted(self, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t * w if w != 1.0 else t for t, w in zip(taus, self.weight)]
@@ -125,13 +133,7 @@ class TsvMerger(SubspaceMerger):
 def tsv_merge(taus: list[torch.Tensor], rtol: float = 0.0) -> torch.Tensor:
     """Σ of each task's top-⌊r/T⌋ singular triplets, their U and V orthogonalised together."""
     k = min(taus[0].shape) // len(taus)
-    us, ss, vs = [], [], []
-    for tau in taus:
-        u, s, vh = svd(tau)
-        keep = min(k, supported(s, rtol))
-        us.append(u[:, :keep])
-        ss.append(s[:keep])
-        vs.append(vh[:keep])
+    us, ss, vs = zip(*(top_triplets(tau, k, rtol) for tau in taus))
     s = torch.cat(ss)
     if s.numel() == 0:
         return torch.zeros_like(taus[0])
@@ -192,18 +194,10 @@ def iso_cts_merge(taus: list[torch.Tensor], fraction: float, rtol: float = 0.0) 
     """Common subspace of the sum plus each task's own top directions outside it, orthogonalised, isotropic."""
     r = min(taus[0].shape)
     common, per_task = iso_cts_split(r, len(taus), fraction)
-    u, s, vh = svd(total(taus))
-    common = min(common, supported(s, rtol))
-    uc, sc, vc = u[:, :common], s[:common], vh[:common]
-    us, ss, vs = [], [], []
-    for tau in taus:
-        if per_task == 0:
-            break
-        ut, st, vt = svd(tau - uc @ (uc.T @ tau))  # the part of τᵢ outside the common subspace
-        keep = min(per_task, supported(st, rtol))
-        us.append(ut[:, :keep])
-        ss.append(st[:keep])
-        vs.append(vt[:keep])
+    uc, sc, vc = top_triplets(total(taus), common, rtol)
+    # each task's own top directions in the part of τᵢ outside the common subspace
+    own = [top_triplets(tau - uc @ (uc.T @ tau), per_task, rtol) for tau in taus] if per_task else []
+    us, ss, vs = zip(*own) if own else ((), (), ())
     s_all = torch.cat([*ss, sc])
     if s_all.numel() == 0:
         return torch.zeros_like(taus[0])
