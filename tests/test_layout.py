@@ -108,10 +108,11 @@ ALLOWED = {
     "engine": {"errors", "io", "arch", "recipe", "methods", "native", "stats"},  # stats: its format only
     "extract": {"errors", "io", "arch", "methods"},
     "testing": {"errors", "io", "methods"},
-    "api": {"errors", "version", "io", "recipe", "methods", "engine", "extract"},
+    "routing": {"errors", "version", "io", "runtime", "extract"},
+    "api": {"errors", "version", "io", "recipe", "methods", "engine", "extract", "routing"},
     "moerge": {"api", "recipe", "version"},  # the lazy facade, moerge/__init__.py
     "demo": {"errors", "moerge", "testing"},
-    "evaluation": {"errors", "io", "data", "runtime", "stats", "measure"},
+    "evaluation": {"errors", "io", "data", "runtime", "stats", "measure", "routing"},
     "__main__": {"cli"},
 }
 

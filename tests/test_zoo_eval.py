@@ -208,6 +208,14 @@ def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
     exp = Experiment("tiny", "decoder", "lora", zoo=zoo, results=env["root"] / "res-dec", log=lambda s: None)
     rec = exp.merged_record("task_arithmetic", {"lambda": 1.0}, ["bbc", "tweets"], "validation", ["bbc", "tweets"])
     assert set(rec["accuracy"]) == {"bbc", "tweets"} and rec["held_in_norm"] is not None
+    # a routed bundle is a model wherever one is accepted: one expert routed = that adapter, scored alike
+    import moerge
+    from moerge.evaluation.evaluate import EvalSettings, Evaluator
+
+    routed = moerge.route("arrow", zoo / "decoder/pretrained", [adapter], env["root"] / "routed-bbc", top_k=1)
+    ev = Evaluator(EvalSettings("tiny", "decoder", split="validation"))
+    got, want = ev.results(routed, ["bbc"])["bbc"], ev.results(adapter, ["bbc"])["bbc"]
+    assert got["correct"] == want["correct"] and got["model"] == str(routed)
 
 
 def test_encoder_lora_heads_start_from_a_probe_with_the_configured_penalty(

@@ -311,3 +311,45 @@ def methods() -> dict[str, Any]:
     from moerge.methods import all_methods
 
     return all_methods()
+
+
+ROUTERS = ("arrow",)
+
+
+def route(method: str, base: str | os.PathLike[str], adapters: list[str | os.PathLike[str]],
+          out: str | os.PathLike[str], *, top_k: int = 3, temperature: float = 1.0, mix: str = "outputs",
+          score: str | None = None, gks: str = "none", general: list[str | os.PathLike[str]] = (),
+          extract_rank: int | None = None, force: bool = False) -> Path:
+    """Build a routed bundle ``out`` over ``adapters`` (PEFT LoRA folders of ``base``, or full fine-tunes
+    routed through their rank-``extract_rank`` extraction); load it with :func:`load_routed`.
+
+    ``arrow``: prototypes = exact top right singular vectors of each expert's ΔW; ``score`` abs_dot (PEFT,
+    mttl) or abs_cos; ``mix`` outputs (PEFT) or parameters (mttl); ``gks`` none | exact | factors with
+    ``general`` adapters (GenKnowSub). ``docs/routing.md`` gives every default and the reference it follows.
+    """
+    from moerge.routing import build
+    from moerge.routing.arrow import GKS_MODES
+    from moerge.routing.layer import RouterOptions
+
+    if method not in ROUTERS:
+        raise MoergeError(f"unknown routing method {method!r}", hint=f"one of {', '.join(ROUTERS)}")
+    if gks not in GKS_MODES:
+        raise MoergeError(f"gks must be one of {', '.join(GKS_MODES)} (got {gks!r})")
+    if (gks == "none") != (not general):
+        raise MoergeError("GenKnowSub needs both --gks exact|factors and at least one --general adapter")
+    options = RouterOptions(score=score or "abs_dot", top_k=top_k, temperature=temperature, mix=mix)
+    try:
+        options.check()
+    except ValueError as e:
+        raise MoergeError(str(e)) from None
+    return build.build_bundle(method, base, list(adapters), out, options=options, rows=build.arrow(gks),
+                              method_options={"prototype": "exact_svd", "gks": gks}, general=list(general),
+                              extract_rank=extract_rank, force=force)
+
+
+def load_routed(folder: str | os.PathLike[str], *, device: str | None = None,
+                base: str | os.PathLike[str] | None = None) -> Any:
+    """A routed bundle as a ``transformers`` model (``generate``, ``forward``, batching as usual)."""
+    from moerge.routing.load import load_routed as _load
+
+    return _load(folder, device=device, base=base)

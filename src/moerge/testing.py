@@ -155,8 +155,9 @@ def make_llama_like_big(path: str | Path, *, hidden: int, intermediate: int, lay
 
 def make_lora(base: str | Path, dst: str | Path, *, seed: int = 0, rank: int = 4, alpha: int = 8,
               targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), std: float = 0.1,
-              **lora_kwargs: Any) -> Path:
-    """A PEFT LoRA adapter for ``base`` with random (non-zero) A and B, saved in PEFT's layout."""
+              decay: float = 1.0, **lora_kwargs: Any) -> Path:
+    """A PEFT LoRA adapter for ``base`` with random (non-zero) A and B, saved in PEFT's layout. ``decay`` < 1
+    scales A's i-th rank row by decay**i, a spectrum with a clear top direction like trained adapters'."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -168,6 +169,8 @@ def make_lora(base: str | Path, dst: str | Path, *, seed: int = 0, rank: int = 4
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+                if "lora_A" in name and decay != 1.0:
+                    p.mul_(decay ** torch.arange(p.shape[0], dtype=p.dtype).unsqueeze(1))
     peft_model.save_pretrained(str(dst))
     cfg_path = Path(dst) / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -27,6 +27,7 @@ Examples:
   moerge zoo build text --track encoder      fine-tune real experts (offline)
   moerge compare --track encoder             merge them every way, score held-in/held-out
   moerge report results                      HTML report and figures
+  moerge route arrow BASE A/ B/ --out routed/   route among LoRA experts instead of merging
 
 Recipes are YAML in moerge's format (method: ...) or mergekit's (merge_method: ...).
 See the README for a recipe gallery."""

@@ -117,7 +117,7 @@ class Evaluator:
             else:
                 todo.append((t, key))
         if todo:
-            model, tok = load_model(folder, self.settings.track)
+            model, tok = load_scored(folder, self.settings.track)
             for t, key in todo:
                 correct = self._score_one(model, tok, t, self.mode(t, probe_only))
                 out[t] = {"accuracy": correct.count("1") / len(correct) if correct else float("nan"),
@@ -151,6 +151,21 @@ class Evaluator:
             head = fit_probe(tf, [e.label for e in train], len(task.labels))
         with torch.no_grad():
             return hits(head(feats), labels)
+
+
+def load_scored(folder: Path, track: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of anything a model is accepted as: a model folder, a PEFT adapter, a routed bundle
+    (its base with routed layers, and the base's tokenizer)."""
+    from moerge.routing.bundle import is_bundle
+
+    if not is_bundle(folder):
+        return load_model(folder, track)
+    from transformers import AutoTokenizer
+
+    from moerge.routing.load import load_routed
+
+    model = load_routed(folder)
+    return model, AutoTokenizer.from_pretrained(str(model.moerge_routing["base"]["path"]))
 
 
 class OwnHeadEvaluator(Evaluator):

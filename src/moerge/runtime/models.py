@@ -27,7 +27,7 @@ def quiet_peft() -> Iterator[None]:
 
 
 def files_hash(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "adapter_config.json",
-                                                          "config.json")) -> str:
+                                                          "config.json", "moerge_routing.json")) -> str:
     """blake2b of the weight files of a folder (names and bytes), 16 hex digits; each file state is
     hashed once per process (a model scored on many tasks is not re-read for each)."""
     files = [f for pattern in patterns for f in sorted(folder.glob(pattern))]

@@ -1,0 +1,92 @@
+"""``moerge route``: build routed bundles over LoRA experts, and look inside them."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from moerge.cli._common import run, run_offline
+
+
+@click.group("route")
+def route() -> None:
+    """Route among LoRA experts instead of merging them (MoErging).
+
+    \b
+    A routed bundle is a folder: moerge_routing.json (every option), router.safetensors (one router row
+    per expert and module) and experts/ (the PEFT adapters, unchanged). `moerge eval BUNDLE --task T`
+    scores it like any model; `moerge.load_routed(BUNDLE)` gives a transformers model.
+    Examples:
+      moerge route arrow BASE bbc/ tweets/ debates/ --out routed/ --top-k 2
+      moerge route inspect routed/
+    """
+
+
+@route.command("arrow")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--top-k", type=int, default=3, show_default=True,
+              help="Experts mixed per token (PEFT's default 3; more than the experts = all).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature.")
+@click.option("--mix", type=click.Choice(["outputs", "parameters"]), default="outputs", show_default=True,
+              help="outputs: Σ w·ΔW·x (PEFT); parameters: (Σ w·B)(Σ w·A)·x per token (mttl's default).")
+@click.option("--score", type=click.Choice(["abs_dot", "abs_cos"]), default="abs_dot", show_default=True,
+              help="abs_dot: |x·p| on the raw input (PEFT and mttl); abs_cos: |x·p|/‖x‖.")
+@click.option("--gks", type=click.Choice(["none", "exact", "factors"]), default="none", show_default=True,
+              help="GenKnowSub with --general adapters: exact subtracts their mean ΔW; factors their mean A "
+              "and mean B (PEFT's code).")
+@click.option("--general", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A general-knowledge adapter for GenKnowSub (repeat the option).")
+@click.option("--extract-rank", type=int, default=None,
+              help="Route full fine-tuned experts through their rank-R LoRA extraction (energy kept recorded).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.pass_context
+def arrow(ctx: click.Context, base: str, adapters: tuple[str, ...], out: str, top_k: int, temperature: float,
+          mix: str, score: str, gks: str, general: tuple[str, ...], extract_rank: int | None, force: bool) -> None:
+    """Arrow: route each token by |x·p| to the experts whose prototype p (the top right singular vector of
+    the expert's ΔW, computed exactly) it aligns with; top-k, softmax with temperature.
+
+    ADAPTERS are PEFT LoRA folders trained on BASE (or full fine-tunes, with --extract-rank)."""
+
+    def body() -> None:
+        from moerge.api import route as build
+
+        path = build("arrow", base, list(adapters), out, top_k=top_k, temperature=temperature, mix=mix,
+                     score=score, gks=gks, general=list(general), extract_rank=extract_rank, force=force)
+        click.echo(f"arrow: {len(adapters)} experts, top-{top_k}; wrote {path}")
+
+    run(ctx, body)
+
+
+@route.command("inspect")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.pass_context
+def inspect(ctx: click.Context, bundle: str, as_json: bool) -> None:
+    """Experts, routed modules, options and router statistics of a routed bundle."""
+
+    def body() -> None:
+        from moerge.routing.inspect import describe_bundle
+
+        info = describe_bundle(bundle)
+        if as_json:
+            click.echo(json.dumps(info, indent=1))
+            return
+        click.echo(f"{info['folder']}: {info['method']} over {info['base']['path']}")
+        click.echo(f"router: {json.dumps(info['router'])}; options: {json.dumps(info['method_options'])}")
+        click.echo(f"{info['modules']} routed modules; experts:")
+        for e, norm in zip(info["experts"], info["mean_row_norm_per_expert"] + [None] * len(info["experts"])):
+            extra = f", mean router-row norm {norm:.3g}" if norm is not None and e["role"] == "task" else ""
+            click.echo(f"  {e['name']:<24} {e['role']:<8} rank {e['rank']}{extra}  ({e['source']})")
+        for name, x in info["build"].get("extracted", {}).items():
+            click.echo(f"  {name}: rank-{x['rank']} extraction kept {x['energy_kept']:.1%} of ‖ΔW‖²")
+        if info["row_similarity_per_layer"]:
+            click.echo("mean |cos| between two experts' router rows, per layer (1 = indistinguishable):")
+            click.echo("  " + "  ".join(f"{k}:{v:.2f}" for k, v in info["row_similarity_per_layer"].items()))
+
+    run_offline(ctx, body)
+
+
+COMMANDS = [route]

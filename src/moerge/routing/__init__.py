@@ -1,0 +1,1 @@
+"""Routing among recycled LoRA experts (MoErging): Arrow and the routed layer, bundles, loading."""

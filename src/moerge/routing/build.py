@@ -1,0 +1,121 @@
+"""Building a routed bundle: experts copied (or extracted from full fine-tunes), router rows computed from
+the copies, everything published at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.errors import MoergeError
+from moerge.io.publish import Publication, check_not_an_input
+from moerge.io.sources import is_adapter_folder
+from moerge.routing.arrow import arrow_rows, subtract_general
+from moerge.routing.bundle import base_fingerprint, copy_adapter, sha256, write_spec
+from moerge.routing.experts import ExpertSet, expert_names
+from moerge.routing.layer import RouterOptions, describe
+from moerge.version import __version__
+
+RowsFn = Callable[[ExpertSet, int], dict[str, torch.Tensor]]
+
+
+def build_bundle(method: str, base: str | os.PathLike[str], adapters: list[str | os.PathLike[str]],
+                 out: str | os.PathLike[str], *, options: RouterOptions, rows: RowsFn,
+                 method_options: dict[str, Any] | None = None, general: list[str | os.PathLike[str]] = (),
+                 extract_rank: int | None = None, force: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Write the bundle ``out``. ``adapters``: PEFT LoRA folders, or full fine-tuned models (extracted at
+    ``extract_rank``); ``general``: GenKnowSub's general adapters. ``rows(experts, n_task)`` gives the
+    router rows of every module from the opened copies."""
+    options.check()
+    t0 = time.perf_counter()
+    folders = [Path(a) for a in adapters]
+    general_folders = [Path(g) for g in general]
+    names = expert_names(folders)
+    general_names = [f"general-{n}" for n in expert_names(general_folders)]
+    check_not_an_input(Path(out), [Path(base), *folders, *general_folders])
+    extracted: dict[str, Any] = {}
+    with Publication(out, force=force) as pub:
+        entries = []
+        for role, group, group_names in (("task", folders, names), ("general", general_folders, general_names)):
+            for folder, name in zip(group, group_names):
+                dst = pub.tmp / "experts" / name
+                if is_adapter_folder(folder):
+                    hashes = copy_adapter(folder, dst)
+                else:
+                    hashes, extracted[name] = _extract(folder, base, dst, extract_rank)
+                entries.append({"name": name, "role": role, "path": f"experts/{name}", "source": str(folder.resolve()),
+                                "files": hashes})
+        copies = [pub.tmp / e["path"] for e in entries]
+        with ExpertSet(base, copies, names=names + general_names) as experts:
+            router_rows = rows(experts, len(folders))
+            modules = experts.modules
+            ranks = experts.ranks()
+        for e, r in zip(entries, ranks):
+            e["rank"] = r
+        spec = {
+            "method": method, "router": describe(options), "method_options": dict(method_options or {}),
+            "base": {"path": str(Path(base).resolve()), "fingerprint": base_fingerprint(base)},
+            "experts": entries, "modules": modules,
+            "build": {"seconds": round(time.perf_counter() - t0, 3), "extracted": extracted},
+        }
+        write_spec(pub.tmp, spec, router_rows, _card(spec))
+        pub.commit()
+    return Path(out)
+
+
+def _extract(model: Path, base: str | os.PathLike[str], dst: Path, rank: int | None) -> tuple[dict[str, str], Any]:
+    """A full fine-tuned expert routed through its rank-``rank`` LoRA extraction (moerge extract-lora)."""
+    from moerge.extract import extract_lora
+
+    if rank is None:
+        raise MoergeError(f"{model}: is a full model, not a PEFT adapter; routing needs LoRA experts",
+                          hint="pass --extract-rank R to route it through its rank-R extraction")
+    report = extract_lora(model, base, dst, rank=rank)
+    hashes = {name: sha256(dst / name) for name in ("adapter_config.json", "adapter_model.safetensors")}
+    kept = {t: round(1.0 - d, 6) for t, d in report.tensors.items()}
+    return hashes, {"rank": rank, "energy_kept": round(1.0 - report.discarded, 6), "per_module_energy_kept": kept,
+                    "not_representable": sorted(report.not_representable)}
+
+
+def arrow(gks: str = "none") -> RowsFn:
+    """Arrow's router rows: the exact top right singular vector of each (GenKnowSub-purified) expert."""
+
+    def rows(experts: ExpertSet, n_task: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for module in experts.modules:
+            factors = experts.factors(module)
+            out[module] = arrow_rows(subtract_general(factors[:n_task], factors[n_task:], gks))[0]
+        return out
+
+    return rows
+
+
+def _card(spec: dict[str, Any]) -> str:
+    experts = "\n".join(f"- `{e['name']}` ({e['role']}, rank {e['rank']}): from `{e['source']}`"
+                        for e in spec["experts"])
+    extracted = spec["build"]["extracted"]
+    extra = "".join(f"\n- `{n}` was a full fine-tune, routed through its rank-{x['rank']} LoRA extraction "
+                    f"(energy kept {x['energy_kept']:.1%})" for n, x in extracted.items())
+    return f"""---
+library_name: transformers
+tags: [moerge, routing, {spec['method']}]
+---
+# A routed model ({spec['method']})
+
+Built by moerge {__version__} over the base model `{spec['base']['path']}`: {len(spec['modules'])}
+linear modules each route every token among these experts:
+
+{experts}{extra}
+
+Router: `{json.dumps(spec['router'])}`; method options: `{json.dumps(spec['method_options'])}`.
+
+Load it with `moerge.load_routed("this folder")` (an ordinary `transformers` model), score it with
+`moerge eval THIS_FOLDER --task ...`, or load any one expert alone with PEFT from `experts/<name>`.
+`moerge_routing.json` holds every option; `router.safetensors` holds the router rows.
+"""
