@@ -108,7 +108,7 @@ ALLOWED = {
     "engine": {"errors", "io", "arch", "recipe", "methods", "native", "stats"},  # stats: its format only
     "extract": {"errors", "io", "arch", "methods"},
     "testing": {"errors", "io", "methods"},
-    "routing": {"errors", "version", "io", "runtime", "extract"},
+    "routing": {"errors", "version", "io", "data", "runtime", "extract"},
     "api": {"errors", "version", "io", "recipe", "methods", "engine", "extract", "routing"},
     "moerge": {"api", "recipe", "version"},  # the lazy facade, moerge/__init__.py
     "demo": {"errors", "moerge", "testing"},

@@ -313,19 +313,30 @@ def methods() -> dict[str, Any]:
     return all_methods()
 
 
-ROUTERS = ("arrow",)
+ROUTERS = ("arrow", "phatgoose", "avg_act")
+# each router's defaults, as its reference computes it (docs/routing.md)
+ROUTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "arrow": {"score": "abs_dot", "top_k": 3, "renorm_eps": 0.0},  # PEFT 0.21's ArrowConfig
+    "phatgoose": {"score": "ln_corr", "top_k": 2, "renorm_eps": 1e-6},  # r-three/phatgoose eval_multitask.sh
+    "avg_act": {"score": "ln_corr", "top_k": 2, "renorm_eps": 1e-6},  # PHATGOOSE's average-activation baseline
+}
 
 
 def route(method: str, base: str | os.PathLike[str], adapters: list[str | os.PathLike[str]],
-          out: str | os.PathLike[str], *, top_k: int = 3, temperature: float = 1.0, mix: str = "outputs",
-          score: str | None = None, gks: str = "none", general: list[str | os.PathLike[str]] = (),
-          extract_rank: int | None = None, force: bool = False) -> Path:
+          out: str | os.PathLike[str], *, top_k: int | None = None, temperature: float = 1.0,
+          mix: str = "outputs", score: str | None = None, renorm_eps: float | None = None, gks: str = "none",
+          general: list[str | os.PathLike[str]] = (), data: list[str] = (), examples: int | None = None,
+          gates: Any = None, extract_rank: int | None = None, force: bool = False,
+          progress: Callable[[str, int, int, float], None] | None = None) -> Path:
     """Build a routed bundle ``out`` over ``adapters`` (PEFT LoRA folders of ``base``, or full fine-tunes
     routed through their rank-``extract_rank`` extraction); load it with :func:`load_routed`.
 
-    ``arrow``: prototypes = exact top right singular vectors of each expert's ΔW; ``score`` abs_dot (PEFT,
-    mttl) or abs_cos; ``mix`` outputs (PEFT) or parameters (mttl); ``gks`` none | exact | factors with
-    ``general`` adapters (GenKnowSub). ``docs/routing.md`` gives every default and the reference it follows.
+    ``arrow``: prototypes = exact top right singular vectors of each expert's ΔW; ``gks`` none | exact |
+    factors with ``general`` adapters (GenKnowSub). ``phatgoose``: gate vectors trained on each expert's
+    ``data`` (one source per adapter: a task name or a JSONL of prompt/target rows; ``gates`` a
+    :class:`moerge.routing.phatgoose.GateSettings`). ``avg_act``: each expert's mean module input on its
+    data. ``score``, ``top_k``, ``renorm_eps`` default to the method's reference (``ROUTER_DEFAULTS``);
+    ``mix`` outputs (PEFT) or parameters (mttl). ``docs/routing.md`` gives every convention.
     """
     from moerge.routing import build
     from moerge.routing.arrow import GKS_MODES
@@ -335,16 +346,63 @@ def route(method: str, base: str | os.PathLike[str], adapters: list[str | os.Pat
         raise MoergeError(f"unknown routing method {method!r}", hint=f"one of {', '.join(ROUTERS)}")
     if gks not in GKS_MODES:
         raise MoergeError(f"gks must be one of {', '.join(GKS_MODES)} (got {gks!r})")
-    if (gks == "none") != (not general):
-        raise MoergeError("GenKnowSub needs both --gks exact|factors and at least one --general adapter")
-    options = RouterOptions(score=score or "abs_dot", top_k=top_k, temperature=temperature, mix=mix)
+    if (gks == "none") != (not general) or (general and method != "arrow"):
+        raise MoergeError("GenKnowSub is an Arrow option: it needs both --gks exact|factors and at least one "
+                          "--general adapter")
+    d = ROUTER_DEFAULTS[method]
+    options = RouterOptions(score=score or d["score"], top_k=d["top_k"] if top_k is None else top_k,
+                            temperature=temperature, mix=mix,
+                            renorm_eps=d["renorm_eps"] if renorm_eps is None else renorm_eps)
     try:
         options.check()
     except ValueError as e:
         raise MoergeError(str(e)) from None
-    return build.build_bundle(method, base, list(adapters), out, options=options, rows=build.arrow(gks),
-                              method_options={"prototype": "exact_svd", "gks": gks}, general=list(general),
-                              extract_rank=extract_rank, force=force)
+    method_options: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    if method == "arrow":
+        if data:
+            raise MoergeError("Arrow needs no data (its prototypes come from the experts' weights)")
+        rows, method_options = build.arrow(gks), {"prototype": "exact_svd", "gks": gks}
+    else:
+        samples = _routing_data(data, len(adapters), examples)
+        if method == "phatgoose":
+            from moerge.routing.phatgoose import GateSettings
+
+            settings = gates or GateSettings()
+            try:
+                settings.check()
+            except ValueError as e:
+                raise MoergeError(str(e)) from None
+            outp = Path(out)
+            work = outp.parent / f".{outp.name}.phatgoose-work"
+            logs: dict[str, Any] = {}
+            rows = build.phatgoose(base, samples, settings, work, logs, progress)
+            method_options = {"gates": _asdict(settings), "data": list(data), "examples": examples}
+            info["gate_training"] = logs
+        else:
+            rows = build.average_activation(base, samples, max_length=64)
+            method_options = {"data": list(data), "examples": examples}
+    path = build.build_bundle(method, base, list(adapters), out, options=options, rows=rows,
+                              method_options=method_options, general=list(general), extract_rank=extract_rank,
+                              force=force, build_info=info)
+    if method == "phatgoose":
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def _asdict(settings: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(settings)
+
+
+def _routing_data(data: list[str], n: int, examples: int | None) -> list[Any]:
+    from moerge.routing.data import load_samples
+
+    if len(data) != n:
+        raise MoergeError(f"{len(data)} data sources for {n} experts: give one --data per adapter, in the "
+                          "same order (its own training data)")
+    return [load_samples(d, limit=examples) for d in data]
 
 
 def load_routed(folder: str | os.PathLike[str], *, device: str | None = None,

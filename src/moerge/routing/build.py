@@ -28,10 +28,11 @@ def build_bundle(method: str, base: str | os.PathLike[str], adapters: list[str |
                  out: str | os.PathLike[str], *, options: RouterOptions, rows: RowsFn,
                  method_options: dict[str, Any] | None = None, general: list[str | os.PathLike[str]] = (),
                  extract_rank: int | None = None, force: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> Path:
+                 build_info: dict[str, Any] | None = None) -> Path:
     """Write the bundle ``out``. ``adapters``: PEFT LoRA folders, or full fine-tuned models (extracted at
     ``extract_rank``); ``general``: GenKnowSub's general adapters. ``rows(experts, n_task)`` gives the
-    router rows of every module from the opened copies."""
+    router rows of every module from the opened copies; ``build_info`` (filled by it, e.g. training logs)
+    goes into the spec's ``build`` record."""
     options.check()
     t0 = time.perf_counter()
     folders = [Path(a) for a in adapters]
@@ -62,7 +63,7 @@ def build_bundle(method: str, base: str | os.PathLike[str], adapters: list[str |
             "method": method, "router": describe(options), "method_options": dict(method_options or {}),
             "base": {"path": str(Path(base).resolve()), "fingerprint": base_fingerprint(base)},
             "experts": entries, "modules": modules,
-            "build": {"seconds": round(time.perf_counter() - t0, 3), "extracted": extracted},
+            "build": {"seconds": round(time.perf_counter() - t0, 3), "extracted": extracted, **(build_info or {})},
         }
         write_spec(pub.tmp, spec, router_rows, _card(spec))
         pub.commit()
@@ -94,6 +95,75 @@ def arrow(gks: str = "none") -> RowsFn:
         return out
 
     return rows
+
+
+def _base_model(base: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """The base causal LM (float32, eval) and its tokenizer, for routers trained or measured on data."""
+    from moerge.io.untrusted import read_json_object
+    from moerge.runtime.models import load_model
+
+    cfg = read_json_object(Path(base) / "config.json")
+    if "CausalLM" not in " ".join(cfg.get("architectures") or []):
+        raise MoergeError(f"{base}: routers trained on data need a causal language model (found "
+                          f"{cfg.get('architectures')})", hint="Arrow needs no data and routes any model")
+    return load_model(Path(base), "decoder")
+
+
+def phatgoose(base: str | os.PathLike[str], data: list[list[Any]], settings: Any, work: Path,
+              logs: dict[str, Any], progress: Callable[[str, int, int, float], None] | None = None) -> RowsFn:
+    """PHATGOOSE's router rows: each expert's gate vectors, trained on its own data."""
+    from moerge.routing.phatgoose import all_gates
+
+    def rows(experts: ExpertSet, n_task: int) -> dict[str, torch.Tensor]:
+        model, tok = _base_model(base)
+        out, trained = all_gates(model, tok, experts, n_task, data, settings, work, progress)
+        logs.update(trained)
+        return out
+
+    return rows
+
+
+def average_activation(base: str | os.PathLike[str], data: list[list[Any]], max_length: int,
+                       batch_size: int = 8) -> RowsFn:
+    """The average-activation baseline (PHATGOOSE's): each expert's router row in a module is the mean input
+    of that module (every real token) over the expert's own examples, run through the base model."""
+
+    def rows(experts: ExpertSet, n_task: int) -> dict[str, torch.Tensor]:
+        model, tok = _base_model(base)
+        means = [mean_inputs(model, tok, experts.modules, samples, max_length, batch_size)
+                 for samples in data[:n_task]]
+        return {m: torch.stack([x[m] for x in means]) for m in experts.modules}
+
+    return rows
+
+
+def mean_inputs(model: Any, tok: Any, modules: list[str], samples: list[Any], max_length: int,
+                batch_size: int) -> dict[str, torch.Tensor]:
+    """Each module's input averaged over the real tokens of ``samples`` (float32)."""
+    from moerge.routing.data import encode
+
+    named = dict(model.named_modules())
+    sums = {m: torch.zeros(named[m].in_features, dtype=torch.float64) for m in modules}
+    state: dict[str, Any] = {"mask": None, "tokens": 0}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            keep = state["mask"].reshape(-1).bool()
+            sums[name] += args[0].reshape(-1, args[0].shape[-1])[keep].double().sum(0)
+        return fn
+
+    hooks = [named[m].register_forward_pre_hook(hook(m)) for m in modules]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(samples), batch_size):
+                batch = encode(tok, samples[i:i + batch_size], max_length, torch.device("cpu"))
+                state["mask"] = batch["attention_mask"]
+                state["tokens"] += int(batch["attention_mask"].sum())
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: (v / max(state["tokens"], 1)).float() for m, v in sums.items()}
 
 
 def _card(spec: dict[str, Any]) -> str:
