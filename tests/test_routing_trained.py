@@ -175,3 +175,76 @@ def test_cli_builds_inspects_and_scores_routed_bundles(lm: dict[str, Path], tmp_
     assert res.exit_code == 0 and "phatgoose" in res.output and "e1" in res.output
     res = runner.invoke(main, ["route", "arrow", str(lm["base"]), str(lm["e0"]), "--out", str(out)])
     assert res.exit_code != 0 and "already exists" in res.output
+
+
+def test_smear_trains_only_its_router_and_routes_per_example(lm: dict[str, Path], tmp_path: Path) -> None:
+    from moerge.routing.smear import train_router
+
+    model, tok = _base(lm)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [load_samples(str(lm["d0"])), load_samples(str(lm["d1"]))]
+    options = moerge.routing.layer.RouterOptions(score="ln_dot", top_k=2, granularity="example")
+    settings = GateSettings(steps=5, batch_size=4, lr=5e-2, expert_dropout=0.0)
+    with ExpertSet(lm["base"], [lm["e0"], lm["e1"]]) as experts:
+        rows, biases, log = train_router(model, tok, experts, 2, data, settings, options)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # base weights untouched
+    assert log["loss_finite"] and set(rows) == set(biases) == set(routed_layers(model))
+    assert all(r.shape[0] == 2 and float(r.std()) > 0 for r in rows.values())
+    out = moerge.route("smear", lm["base"], [lm["e0"], lm["e1"]], tmp_path / "sm",
+                       data=[str(lm["d0"]), str(lm["d1"])], gates=GateSettings(steps=3, batch_size=4))
+    spec = json.loads((out / "moerge_routing.json").read_text())
+    assert spec["router"]["granularity"] == "example" and spec["router"]["top_k"] == 2
+    assert spec["build"]["router_training"]["steps"] == 3
+    routed = moerge.load_routed(out)
+    assert all(layer.router_bias.shape == (2,) for layer in routed_layers(routed).values())
+    # generation with a KV cache routes each sequence as a full forward of the same tokens would
+    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 3, 5, 9, 13]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        gen = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        full_mask = torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1)
+        logits = routed(input_ids=gen[:, :-1], attention_mask=full_mask).logits
+    assert torch.equal(logits[:, -3:].argmax(-1), gen[:, -3:])
+
+
+def test_lorahub_objective_search_and_exact_merged_adapter(lm: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("nevergrad")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moerge.routing.layer import RouterOptions
+    from moerge.routing.load import attach_experts
+    from moerge.routing.lorahub import HubSettings, objective
+
+    model, tok = _base(lm)
+    samples = load_samples(str(lm["d1"]), limit=5)
+    plain = float(target_loss(model, encode(tok, samples, 64, torch.device("cpu"))))
+    with ExpertSet(lm["base"], [lm["e0"], lm["e1"]]) as experts:
+        attach_experts(model, experts, 2, {m: torch.zeros(2, 32) for m in experts.modules}, RouterOptions(top_k=2))
+    s = HubSettings()
+    # w = 0 is the base; the reference divides the batch's mean CE by the number of examples (5)
+    assert objective(model, tok, samples, torch.zeros(2), s) == pytest.approx(plain / 5, rel=1e-5)
+    w = torch.tensor([0.5, -1.0])
+    mean = objective(model, tok, samples, w, HubSettings(loss="mean", l1=0.0))
+    assert objective(model, tok, samples, w, s) == pytest.approx(
+        objective(model, tok, samples, w, HubSettings(l1=0.0)) + 0.05 * 0.75, rel=1e-6)
+    assert mean > 0
+
+    out = moerge.lorahub(lm["base"], [lm["e0"], lm["e1"]], str(lm["d1"]), tmp_path / "hub",
+                         settings=HubSettings(budget=12))
+    record = json.loads((out / "moerge_lorahub.json").read_text())
+    weights = list(record["weights"].values())
+    assert record["search"]["evaluations"] == 12 and len(weights) == 2
+    assert record["search"]["objective"] <= record["search"]["objective_at_zero"] + 1e-9
+    again = moerge.lorahub(lm["base"], [lm["e0"], lm["e1"]], str(lm["d1"]), tmp_path / "hub2",
+                           settings=HubSettings(budget=12))
+    assert json.loads((again / "moerge_lorahub.json").read_text())["weights"] == record["weights"]
+    # the adapter is plain PEFT, and its ΔW is Σ wᵢ ΔWᵢ exactly (not (Σ wB)(Σ wA))
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(lm["base"])), str(out))
+    got = merged.merge_and_unload().state_dict()
+    base = AutoModelForCausalLM.from_pretrained(str(lm["base"])).state_dict()
+    with ExpertSet(lm["base"], [lm["e0"], lm["e1"]]) as experts:
+        for m in experts.modules:
+            want = base[m + ".weight"] + sum(wi * s_ * b @ a for wi, (a, b, s_) in zip(weights, experts.factors(m)))
+            assert torch.allclose(got[m + ".weight"], want, atol=1e-5), m

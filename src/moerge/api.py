@@ -313,12 +313,13 @@ def methods() -> dict[str, Any]:
     return all_methods()
 
 
-ROUTERS = ("arrow", "phatgoose", "avg_act")
+ROUTERS = ("arrow", "phatgoose", "avg_act", "smear")
 # each router's defaults, as its reference computes it (docs/routing.md)
 ROUTER_DEFAULTS: dict[str, dict[str, Any]] = {
     "arrow": {"score": "abs_dot", "top_k": 3, "renorm_eps": 0.0},  # PEFT 0.21's ArrowConfig
     "phatgoose": {"score": "ln_corr", "top_k": 2, "renorm_eps": 1e-6},  # r-three/phatgoose eval_multitask.sh
     "avg_act": {"score": "ln_corr", "top_k": 2, "renorm_eps": 1e-6},  # PHATGOOSE's average-activation baseline
+    "smear": {"score": "ln_dot", "top_k": None, "renorm_eps": 0.0},  # r-three/smear: softmax over all experts
 }
 
 
@@ -350,9 +351,10 @@ def route(method: str, base: str | os.PathLike[str], adapters: list[str | os.Pat
         raise MoergeError("GenKnowSub is an Arrow option: it needs both --gks exact|factors and at least one "
                           "--general adapter")
     d = ROUTER_DEFAULTS[method]
-    options = RouterOptions(score=score or d["score"], top_k=d["top_k"] if top_k is None else top_k,
+    options = RouterOptions(score=score or d["score"], top_k=(d["top_k"] or len(adapters)) if top_k is None else top_k,
                             temperature=temperature, mix=mix,
-                            renorm_eps=d["renorm_eps"] if renorm_eps is None else renorm_eps)
+                            renorm_eps=d["renorm_eps"] if renorm_eps is None else renorm_eps,
+                            granularity="example" if method == "smear" else "token")
     try:
         options.check()
     except ValueError as e:
@@ -365,14 +367,19 @@ def route(method: str, base: str | os.PathLike[str], adapters: list[str | os.Pat
         rows, method_options = build.arrow(gks), {"prototype": "exact_svd", "gks": gks}
     else:
         samples = _routing_data(data, len(adapters), examples)
-        if method == "phatgoose":
-            from moerge.routing.phatgoose import GateSettings
+        from moerge.routing.phatgoose import GateSettings
 
-            settings = gates or GateSettings()
-            try:
-                settings.check()
-            except ValueError as e:
-                raise MoergeError(str(e)) from None
+        settings = gates or GateSettings()
+        try:
+            settings.check()
+        except ValueError as e:
+            raise MoergeError(str(e)) from None
+        if method == "smear":
+            logs_: dict[str, Any] = {}
+            rows = build.smear(base, samples, settings, options, logs_, progress)
+            method_options = {"training": _asdict(settings), "data": list(data), "examples": examples}
+            info = logs_
+        elif method == "phatgoose":
             outp = Path(out)
             work = outp.parent / f".{outp.name}.phatgoose-work"
             logs: dict[str, Any] = {}
@@ -388,6 +395,25 @@ def route(method: str, base: str | os.PathLike[str], adapters: list[str | os.Pat
     if method == "phatgoose":
         shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+def lorahub(base: str | os.PathLike[str], adapters: list[str | os.PathLike[str]], data: str,
+            out: str | os.PathLike[str], *, examples: int | None = 5, settings: Any = None, force: bool = False,
+            progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """LoraHub: weights for ``adapters`` found gradient-free (nevergrad) on a few examples of a new task
+    (``data``: a task name or a JSONL of prompt/target rows; its first ``examples``), written to ``out`` as
+    one plain PEFT adapter with ΔW = Σ wᵢ ΔWᵢ exactly. ``settings``: a
+    :class:`moerge.routing.lorahub.HubSettings`. The weights and the search log are in
+    ``moerge_lorahub.json``."""
+    from moerge.routing.lorahub import HubSettings, run
+
+    settings = settings or HubSettings()
+    try:
+        settings.check()
+    except ValueError as e:
+        raise MoergeError(str(e)) from None
+    return run(base, [Path(a) for a in adapters], data, Path(out), examples=examples, settings=settings,
+               force=force, progress=progress)
 
 
 def _asdict(settings: Any) -> dict[str, Any]:

@@ -70,19 +70,22 @@ def _trained(name: str, summary: str):  # the two routers learned from each expe
                   'JSONL file of {"prompt": ..., "target": ...} rows (repeat the option).')
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
     @click.option("--examples", type=int, default=None, help="At most this many examples per expert.")
-    @click.option("--top-k", type=int, default=2, show_default=True, help="Experts mixed per token.")
-    @click.option("--renorm-eps", type=float, default=1e-6, show_default=True,
-                  help="Softmax over all experts, top-k, w/(Σw + eps) as the reference; 0 = softmax over the "
-                  "top-k logits (mttl).")
-    @click.option("--steps", type=int, default=100, show_default=True, help="phatgoose: gate training steps.")
-    @click.option("--lr", type=float, default=5e-3, show_default=True, help="phatgoose: AdamW learning rate.")
+    @click.option("--top-k", type=int, default=None,
+                  help="Experts mixed per token (default: phatgoose and avg_act 2, smear all).")
+    @click.option("--renorm-eps", type=float, default=None,
+                  help="Softmax over all experts, top-k, w/(Σw + eps) as PHATGOOSE's reference (its default "
+                  "1e-6); 0 = softmax over the top-k logits (mttl).")
+    @click.option("--steps", type=int, default=100, show_default=True, help="Training steps (gates, router).")
+    @click.option("--lr", type=float, default=5e-3, show_default=True, help="AdamW learning rate.")
     @click.option("--batch-size", type=int, default=8, show_default=True,
                   help="Sequences per step (the reference: 1024 = 32 x 32 accumulation on T5-XL).")
-    @click.option("--accumulate", type=int, default=1, show_default=True, help="phatgoose: batches per step.")
+    @click.option("--accumulate", type=int, default=1, show_default=True, help="Batches per step.")
     @click.option("--schedule", type=click.Choice(["constant", "linear"]), default="constant", show_default=True,
-                  help="phatgoose: constant after warm-up (the reference) or linear decay (mttl).")
-    @click.option("--warmup", type=float, default=0.06, show_default=True, help="phatgoose: warm-up share.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="phatgoose: data order.")
+                  help="Constant after warm-up (PHATGOOSE's reference) or linear decay (mttl).")
+    @click.option("--warmup", type=float, default=0.06, show_default=True, help="Warm-up share of the steps.")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Data order (and SMEAR's init).")
+    @click.option("--expert-dropout", type=float, default=0.1, show_default=True,
+                  help="smear: drop each expert's weight with this probability in training (the reference).")
     @click.option("--extract-rank", type=int, default=None, help="Route full fine-tunes through their rank-R "
                   "LoRA extraction.")
     @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -90,8 +93,8 @@ def _trained(name: str, summary: str):  # the two routers learned from each expe
     @click.pass_context
     def command(ctx: click.Context, base: str, adapters: tuple[str, ...], data: tuple[str, ...], out: str,
                 examples: int | None, top_k: int, renorm_eps: float, steps: int, lr: float, batch_size: int,
-                accumulate: int, schedule: str, warmup: float, seed: int, extract_rank: int | None, force: bool,
-                quiet: bool) -> None:
+                accumulate: int, schedule: str, warmup: float, seed: int, expert_dropout: float,
+                extract_rank: int | None, force: bool, quiet: bool) -> None:
         def body() -> None:
             from moerge.api import route as build
             from moerge.cli.evaluation import training_bar
@@ -99,13 +102,13 @@ def _trained(name: str, summary: str):  # the two routers learned from each expe
 
             sources = [part for d in data for part in ([d] if Path(d).exists() else d.split(","))]
             gates = GateSettings(steps=steps, lr=lr, warmup=warmup, schedule=schedule, batch_size=batch_size,
-                                 accumulate=accumulate, seed=seed)
+                                 accumulate=accumulate, seed=seed, expert_dropout=expert_dropout)
             with training_bar(quiet) as bar:
                 path = build(name, base, list(adapters), out, data=sources, examples=examples, top_k=top_k,
                              renorm_eps=renorm_eps, gates=gates, extract_rank=extract_rank, force=force,
-                             progress=lambda expert, k, n, loss: bar.update(f"gates {expert}", k, n,
+                             progress=lambda expert, k, n, loss: bar.update(f"{name} {expert}", k, n,
                                                                             f"loss {loss:.3f}"))
-            click.echo(f"{name}: {len(adapters)} experts, top-{top_k}; wrote {path}")
+            click.echo(f"{name}: {len(adapters)} experts; wrote {path}")
 
         run_offline(ctx, body)
 
@@ -120,7 +123,52 @@ LN(x)·LN(v)/√d, top-k, renormalised.
 Example:
   moerge route phatgoose BASE bbc/ tweets/ --data bbc --data tweets --out routed/ --steps 100""")
 avg_act = _trained("avg_act", """Average activation (PHATGOOSE's baseline): each expert's router row is the mean
-input of the module over that expert's data; routed like PHATGOOSE (gate options unused).""")
+input of the module over that expert's data; routed like PHATGOOSE (training options unused).""")
+smear = _trained("smear", """SMEAR over frozen experts: a router per module, trained on the union of the
+experts' data (everything else frozen), that averages the experts' ΔW once per sequence, from the mean
+module input over its tokens so far.""")
+
+
+@route.command("lorahub")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, help="The new task's few examples: a task name (its train split's first "
+              '--examples) or a JSONL file of {"prompt": ..., "target": ...} rows.')
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter folder to write.")
+@click.option("--examples", type=int, default=5, show_default=True, help="Few-shot examples used.")
+@click.option("--budget", type=int, default=40, show_default=True, help="Objective evaluations (NGOpt's budget).")
+@click.option("--l1", type=float, default=0.05, show_default=True, help="Weight of the mean |w| penalty (mttl: 0).")
+@click.option("--loss", type=click.Choice(["reference", "mean"]), default="reference", show_default=True,
+              help="reference: Σ batch-mean CE / examples, as sail-sg/lorahub; mean: mean CE per example.")
+@click.option("--bound", type=float, default=1.5, show_default=True, help="Weights searched in [-bound, bound].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_context
+def lorahub(ctx: click.Context, base: str, adapters: tuple[str, ...], data: str, out: str, examples: int,
+            budget: int, l1: float, loss: str, bound: float, seed: int, force: bool, quiet: bool) -> None:
+    """LoraHub: find weights for ADAPTERS on a few examples of a new task, gradient-free (nevergrad NGOpt),
+    and write ONE plain PEFT adapter whose ΔW is Σ wᵢ·ΔWᵢ exactly (rank Σ rᵢ).
+
+    \b
+    Example:
+      moerge route lorahub BASE bbc/ tweets/ debates/ --data rotten_tomatoes --out hub/"""
+
+    def body() -> None:
+        from moerge.api import lorahub as run_hub
+        from moerge.cli.evaluation import training_bar
+        from moerge.routing.lorahub import HubSettings
+
+        settings = HubSettings(budget=budget, bound=bound, l1=l1, loss=loss, seed=seed)
+        with training_bar(quiet) as bar:
+            path = run_hub(base, list(adapters), data, out, examples=examples, settings=settings, force=force,
+                           progress=lambda k, n, best: bar.update("lorahub search", k, n, f"best {best:.4f}"))
+        record = json.loads((Path(path) / "moerge_lorahub.json").read_text())
+        weights = ", ".join(f"{k} {v:+.3f}" for k, v in record["weights"].items())
+        click.echo(f"lorahub: weights {weights}; objective {record['search']['objective']:.4f} "
+                   f"(at w = 0: {record['search']['objective_at_zero']:.4f}); wrote {path}")
+
+    run_offline(ctx, body)
 
 
 @route.command("inspect")

@@ -21,7 +21,8 @@ from moerge.routing.experts import ExpertSet, expert_names
 from moerge.routing.layer import RouterOptions, describe
 from moerge.version import __version__
 
-RowsFn = Callable[[ExpertSet, int], dict[str, torch.Tensor]]
+# router rows per module (or rows and biases) from the opened experts and the number of task experts
+RowsFn = Callable[[ExpertSet, int], Any]
 
 
 def build_bundle(method: str, base: str | os.PathLike[str], adapters: list[str | os.PathLike[str]],
@@ -55,6 +56,7 @@ def build_bundle(method: str, base: str | os.PathLike[str], adapters: list[str |
         copies = [pub.tmp / e["path"] for e in entries]
         with ExpertSet(base, copies, names=names + general_names) as experts:
             router_rows = rows(experts, len(folders))
+            router_rows, biases = router_rows if isinstance(router_rows, tuple) else (router_rows, None)
             modules = experts.modules
             ranks = experts.ranks()
         for e, r in zip(entries, ranks):
@@ -65,7 +67,7 @@ def build_bundle(method: str, base: str | os.PathLike[str], adapters: list[str |
             "experts": entries, "modules": modules,
             "build": {"seconds": round(time.perf_counter() - t0, 3), "extracted": extracted, **(build_info or {})},
         }
-        write_spec(pub.tmp, spec, router_rows, _card(spec))
+        write_spec(pub.tmp, spec, router_rows, _card(spec), biases)
         pub.commit()
     return Path(out)
 
@@ -97,7 +99,7 @@ def arrow(gks: str = "none") -> RowsFn:
     return rows
 
 
-def _base_model(base: str | os.PathLike[str]) -> tuple[Any, Any]:
+def base_model(base: str | os.PathLike[str]) -> tuple[Any, Any]:
     """The base causal LM (float32, eval) and its tokenizer, for routers trained or measured on data."""
     from moerge.io.untrusted import read_json_object
     from moerge.runtime.models import load_model
@@ -115,10 +117,25 @@ def phatgoose(base: str | os.PathLike[str], data: list[list[Any]], settings: Any
     from moerge.routing.phatgoose import all_gates
 
     def rows(experts: ExpertSet, n_task: int) -> dict[str, torch.Tensor]:
-        model, tok = _base_model(base)
+        model, tok = base_model(base)
         out, trained = all_gates(model, tok, experts, n_task, data, settings, work, progress)
         logs.update(trained)
         return out
+
+    return rows
+
+
+def smear(base: str | os.PathLike[str], data: list[list[Any]], settings: Any, options: Any, logs: dict[str, Any],
+          progress: Callable[[str, int, int, float], None] | None = None) -> RowsFn:
+    """SMEAR's router rows and biases, trained on the union of the experts' data over the frozen experts."""
+    from moerge.routing.smear import train_router
+
+    def rows(experts: ExpertSet, n_task: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        model, tok = base_model(base)
+        out, biases, log = train_router(model, tok, experts, n_task, data, settings, options,
+                                        (lambda k, n, loss: progress("router", k, n, loss)) if progress else None)
+        logs["router_training"] = log
+        return out, biases
 
     return rows
 
@@ -129,7 +146,7 @@ def average_activation(base: str | os.PathLike[str], data: list[list[Any]], max_
     of that module (every real token) over the expert's own examples, run through the base model."""
 
     def rows(experts: ExpertSet, n_task: int) -> dict[str, torch.Tensor]:
-        model, tok = _base_model(base)
+        model, tok = base_model(base)
         means = [mean_inputs(model, tok, experts.modules, samples, max_length, batch_size)
                  for samples in data[:n_task]]
         return {m: torch.stack([x[m] for x in means]) for m in experts.modules}

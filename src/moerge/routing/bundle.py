@@ -7,7 +7,8 @@
                               and fingerprint), the experts (relative paths, SHA-256 of each file), the
                               routed modules, what the build measured
       router.safetensors      "<module>.router": [E, d_in] float32, one row per expert (Arrow's prototypes,
-                              PHATGOOSE's gate vectors, a trained router's rows)
+                              PHATGOOSE's gate vectors, a trained router's rows); "<module>.router_bias":
+                              [E], a learned router's biases (SMEAR)
       experts/<name>/         each PEFT adapter folder as it came (adapter_config.json,
                               adapter_model.safetensors), so PEFT loads any one alone
       README.md               how it was built
@@ -85,6 +86,7 @@ class Bundle:
     folder: Path
     spec: dict[str, Any]
     rows: dict[str, torch.Tensor]  # module -> [E, d_in]
+    biases: dict[str, torch.Tensor]  # module -> [E] (learned routers only)
 
     @property
     def method(self) -> str:
@@ -106,11 +108,13 @@ class Bundle:
         return str(self.spec["base"]["path"])
 
 
-def write_spec(tmp: Path, spec: dict[str, Any], rows: dict[str, torch.Tensor], card: str) -> None:
+def write_spec(tmp: Path, spec: dict[str, Any], rows: dict[str, torch.Tensor], card: str,
+               biases: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file({f"{m}.router": r.float().contiguous() for m, r in rows.items()}, str(tmp / ROUTER_FILE),
-              metadata={"format": FORMAT})
+    tensors = {f"{m}.router": r.float().contiguous() for m, r in rows.items()}
+    tensors |= {f"{m}.router_bias": b.float().contiguous() for m, b in (biases or {}).items()}
+    save_file(tensors, str(tmp / ROUTER_FILE), metadata={"format": FORMAT})
     full = {"format": FORMAT, "version": VERSION, "moerge": __version__, **spec}
     (tmp / ROUTING_FILE).write_text(json.dumps(full, indent=1) + "\n")
     (tmp / "README.md").write_text(card)
@@ -160,11 +164,15 @@ def read_bundle(folder: str | Path, *, verify: bool = True) -> Bundle:
     n_task = sum(1 for e in experts if e.get("role", "task") == "task")
     from safetensors.torch import load_file
 
-    rows = {k.removesuffix(".router"): v for k, v in load_file(str(router_path)).items()}
+    tensors = load_file(str(router_path))
+    rows = {k.removesuffix(".router"): v for k, v in tensors.items() if k.endswith(".router")}
+    biases = {k.removesuffix(".router_bias"): v for k, v in tensors.items() if k.endswith(".router_bias")}
     for m in modules:
         r = rows.get(m)
         if r is None or r.dim() != 2 or r.shape[0] != n_task:
             found = "missing" if r is None else f"shape {list(r.shape)}"
             raise CheckpointError(f"{router_path}: router rows of {m!r} are {found}; expected one row per "
                                   f"expert ({n_task})")
-    return Bundle(folder, spec, rows)
+        if m in biases and tuple(biases[m].shape) != (n_task,):
+            raise CheckpointError(f"{router_path}: router biases of {m!r} have shape {list(biases[m].shape)}")
+    return Bundle(folder, spec, rows, biases)

@@ -24,9 +24,16 @@ then the top-k logits (all of them for ``top_k`` ≥ E), a softmax over them wit
 weight elsewhere. Softmax over the top-k logits equals the reference PHATGOOSE's softmax over all experts,
 top-k, renormalised, up to its 1e-6 eps (``renorm_eps`` reproduces it exactly).
 
-``granularity: example`` (SMEAR) routes each sequence once, from the mean of the module's input over its
-tokens (the attention mask's tokens when one is set with :func:`token_mask`; SMEAR's reference averages
-padding too).
+* ``ln_dot``: ``LN(x) · w_e + b_e`` (a learned router: SMEAR's, whose affine LayerNorm folds into w and b).
+
+``granularity: example`` (SMEAR) routes by the mean of the module's input over the sequence's real tokens
+(the attention mask, set by :func:`token_mask` or by the hooks :func:`moerge.routing.load.load_routed`
+adds). For a causal model the mean runs over the tokens *up to* each position, so routing never reads the
+future, a prompt's last token is routed by the mean over the whole prompt, and generation with a KV cache
+routes exactly as a full forward (the layer keeps each sequence's running sum between calls). SMEAR's
+reference (an encoder-decoder) averages the whole input, padding included.
+
+A ``fixed`` weight vector (LoraHub's search, a static mixture) replaces the router: every token gets it.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-SCORES = ("abs_dot", "abs_cos", "ln_corr", "dot_sqrt_d")
+SCORES = ("abs_dot", "abs_cos", "ln_corr", "dot_sqrt_d", "ln_dot")
 MIXES = ("outputs", "parameters")
 GRANULARITIES = ("token", "example")
 
@@ -87,6 +94,8 @@ def scores(x: torch.Tensor, rows: torch.Tensor, score: str) -> torch.Tensor:
         return layer_norm(x) @ layer_norm(rows).T / math.sqrt(x.shape[-1])
     if score == "dot_sqrt_d":
         return x @ rows.T / math.sqrt(x.shape[-1])
+    if score == "ln_dot":
+        return layer_norm(x) @ rows.T
     raise ValueError(f"unknown router score {score!r}")
 
 
@@ -145,7 +154,7 @@ class RoutedLinear(nn.Linear):
     non-persistent buffers: they come from the bundle, never from a checkpoint of the routed model."""
 
     def __init__(self, base: nn.Linear, a_cat: torch.Tensor, b_cat: torch.Tensor, router_rows: torch.Tensor,
-                 options: RouterOptions, rank: int) -> None:
+                 options: RouterOptions, rank: int, router_bias: torch.Tensor | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -158,33 +167,49 @@ class RoutedLinear(nn.Linear):
         self.register_buffer("a_cat", a_cat.to(device, dtype), persistent=False)
         self.register_buffer("b_cat", b_cat.to(device, dtype), persistent=False)
         self.register_buffer("router_rows", router_rows.to(device, torch.float32), persistent=False)
+        bias = torch.zeros(n) if router_bias is None else router_bias
+        self.register_buffer("router_bias", bias.to(device, torch.float32), persistent=False)
         self.options, self.rank, self.n_experts = options, rank, n
         self.recorder: RoutingRecorder | None = None
+        self.fixed: torch.Tensor | None = None  # [E]: every token gets these weights
+        self.expert_dropout = 0.0  # training only: each expert's weight dropped with this probability
+        self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # running sums for the example mean
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Routing weights [T, E] for the flattened inputs x [T, in] (per example: [B, E])."""
+        """Routing weights [T, E] for the flattened (or pooled) inputs x [T, in]."""
+        if self.fixed is not None:
+            return self.fixed.to(x.device, torch.float32).expand(x.shape[0], -1)
         o = self.options
-        return route(scores(x, self.router_rows, o.score), o.top_k, o.temperature, o.renorm_eps)
+        logits = scores(x, self.router_rows, o.score) + self.router_bias
+        if self.training and self.expert_dropout > 0:
+            drop = torch.rand(logits.shape, device=logits.device) < self.expert_dropout
+            logits = logits.masked_fill(drop & ~drop.all(-1, keepdim=True), float("-inf"))
+        return route(logits, o.top_k, o.temperature, o.renorm_eps)
+
+    def pooled(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, L, in]: at each position the mean module input over the sequence's real tokens up to it."""
+        b, length, _ = x.shape
+        full = mask if mask is not None and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= length \
+            else torch.ones(b, length, device=x.device)
+        m = full[:, -length:].to(x.device, torch.float32).unsqueeze(-1)
+        sums, counts = (x.float() * m).cumsum(1), m.cumsum(1)
+        if full.shape[1] > length and self._prefix is not None and self._prefix[0].shape[0] == b:
+            sums, counts = sums + self._prefix[0].unsqueeze(1), counts + self._prefix[1].unsqueeze(1)
+        self._prefix = (sums[:, -1].detach(), counts[:, -1].detach())
+        return sums / counts.clamp_min(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         shape = x.shape
         mask = MASKS[-1] if MASKS else None
-        if self.options.granularity == "example" and x.dim() == 3:
-            if mask is not None and mask.shape == shape[:2]:
-                m = mask.to(x.device, torch.float32).unsqueeze(-1)
-                pooled = (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
-            else:
-                pooled = x.float().mean(1)
-            w = self.weights(pooled)  # [B, E]
-            if self.recorder is not None:
-                self.recorder.add(w, None)
-            w = w.unsqueeze(1).expand(shape[0], shape[1], -1).reshape(-1, self.n_experts)
+        if self.options.granularity == "example" and x.dim() == 3 and self.fixed is None:
+            w = self.weights(self.pooled(x, mask).reshape(-1, shape[-1]))
         else:
             w = self.weights(x.reshape(-1, shape[-1]))
-            if self.recorder is not None:
-                keep = mask.bool() if mask is not None and mask.shape == shape[:-1] else None
-                self.recorder.add(w, keep)
+        if self.recorder is not None:
+            keep = mask[:, -shape[-2]:].bool() if mask is not None and x.dim() == 3 and mask.dim() == 2 \
+                and mask.shape[0] == shape[0] and mask.shape[1] >= shape[-2] else None
+            self.recorder.add(w, keep)
         return y + self.delta(x.reshape(-1, shape[-1]), w.to(x.dtype)).reshape(*shape[:-1], self.out_features)
 
     def delta(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -57,18 +57,25 @@ def attach(model: nn.Module, bundle: Bundle, base: str, options: RouterOptions |
     gks = str(bundle.spec.get("method_options", {}).get("gks", "none"))
     folders = [p for _, p in tasks + general]
     names = [n for n, _ in tasks + general]
-    modules = dict(model.named_modules())
     with ExpertSet(base, folders, names=names) as experts:
         if sorted(experts.modules) != sorted(bundle.modules):
             raise CheckpointError(f"{bundle.folder}: its experts adapt other modules than moerge_routing.json lists")
-        for name in bundle.modules:
-            target = _module(modules, name, model)
-            factors = experts.factors(name)
-            factors = subtract_general(factors[:len(tasks)], factors[len(tasks):], gks)
-            a_cat, b_cat, rank = stack_experts(factors)
-            layer = RoutedLinear(target, a_cat, b_cat, bundle.rows[name], options, rank)
-            parent_name, _, child = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, layer)
+        return attach_experts(model, experts, len(tasks), bundle.rows, options, gks=gks, biases=bundle.biases)
+
+
+def attach_experts(model: nn.Module, experts: ExpertSet, n_task: int, rows: dict[str, torch.Tensor],
+                   options: RouterOptions, *, gks: str = "none",
+                   biases: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace every module the experts adapt by a routed layer over the first ``n_task`` experts (the
+    others: GenKnowSub's general adapters), with router ``rows`` (and ``biases``) per module; in place."""
+    modules = dict(model.named_modules())
+    for name in experts.modules:
+        target = _module(modules, name, model)
+        factors = experts.factors(name)
+        a_cat, b_cat, rank = stack_experts(subtract_general(factors[:n_task], factors[n_task:], gks))
+        layer = RoutedLinear(target, a_cat, b_cat, rows[name], options, rank, (biases or {}).get(name))
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
     return model
 
 

@@ -49,12 +49,16 @@ class GateSettings:
     accumulate: int = 1
     max_length: int = 64
     seed: int = 0
+    expert_dropout: float = 0.1  # SMEAR only: each expert's weight dropped with this probability in training
+    init_scale: float = 1e-2  # SMEAR only: router rows start as N(0, init_scale²), biases at 0
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1 or self.max_length < 2:
             raise ValueError("steps, batch size and accumulation must be at least 1 (max length at least 2)")
         if not self.lr > 0 or not 0 <= self.warmup < 1 or self.weight_decay < 0:
             raise ValueError("lr must be positive, warmup in [0, 1), weight decay at least 0")
+        if not 0 <= self.expert_dropout < 1 or self.init_scale < 0:
+            raise ValueError("expert dropout must be in [0, 1) and the init scale at least 0")
         if self.schedule not in ("constant", "linear"):
             raise ValueError(f"schedule must be constant or linear; got {self.schedule!r}")
 
@@ -77,7 +81,7 @@ class GatedLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + g * ((x @ self.a.T) @ self.b.T)
 
 
-def _schedule(opt: torch.optim.Optimizer, s: GateSettings) -> torch.optim.lr_scheduler.LambdaLR:
+def schedule(opt: torch.optim.Optimizer, s: GateSettings) -> torch.optim.lr_scheduler.LambdaLR:
     warm = max(1, round(s.warmup * s.steps)) if s.warmup > 0 else 0
 
     def factor(step: int) -> float:
@@ -90,7 +94,7 @@ def _schedule(opt: torch.optim.Optimizer, s: GateSettings) -> torch.optim.lr_sch
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _order(n: int, total: int, seed: int) -> list[int]:
+def order(n: int, total: int, seed: int) -> list[int]:
     """``total`` example indices: seeded permutations of range(n), one after another."""
     rng, out = random.Random(seed), []
     while len(out) < total:
@@ -125,9 +129,9 @@ def train_gates(model: nn.Module, tok: Any, factors: dict[str, tuple[torch.Tenso
             setattr(holder, child, gated[name])
         gates = [g.gate for g in gated.values()]
         opt = torch.optim.AdamW(gates, lr=settings.lr, weight_decay=settings.weight_decay)
-        sched = _schedule(opt, settings)
+        sched = schedule(opt, settings)
         per_step = settings.batch_size * settings.accumulate
-        order = _order(len(samples), settings.steps * per_step, settings.seed)
+        picks = order(len(samples), settings.steps * per_step, settings.seed)
         device = next(model.parameters()).device
         model.train()
         t0, losses = time.perf_counter(), []
@@ -135,7 +139,7 @@ def train_gates(model: nn.Module, tok: Any, factors: dict[str, tuple[torch.Tenso
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for k in range(settings.accumulate):
-                idx = order[step * per_step + k * settings.batch_size:step * per_step + (k + 1) * settings.batch_size]
+                idx = picks[step * per_step + k * settings.batch_size:step * per_step + (k + 1) * settings.batch_size]
                 batch = encode(tok, [samples[i] for i in idx], settings.max_length, device)
                 loss = target_loss(model, batch) / settings.accumulate
                 loss.backward()
