@@ -343,6 +343,34 @@ def test_uniform_logits_with_top_k_all_is_the_average_update(zoo: dict[str, Path
     assert torch.allclose(y, want, atol=1e-5)
 
 
+def test_a_derived_subset_is_the_bundle_built_on_the_subset(zoo: dict[str, Path], tmp_path: Path) -> None:
+    moerge.route("arrow", zoo["base"], [zoo[n] for n in ("e0", "e1", "e2")], tmp_path / "all", top_k=2)
+    derived = moerge.derive_routed(tmp_path / "all", tmp_path / "sub", drop=["e1"], top_k=1)
+    moerge.route("arrow", zoo["base"], [zoo["e2"], zoo["e0"]][::-1], tmp_path / "direct", top_k=1)
+    spec = json.loads((derived / "moerge_routing.json").read_text())
+    assert [e["name"] for e in spec["experts"]] == ["e0", "e2"] and spec["router"]["top_k"] == 1
+    assert spec["derived"]["kept"] == ["e0", "e2"]
+    ids = _ids(5)
+    with torch.no_grad():
+        assert torch.equal(moerge.load_routed(derived)(ids).logits, moerge.load_routed(tmp_path / "direct")(ids).logits)
+    reordered = moerge.derive_routed(tmp_path / "all", tmp_path / "re", keep=["e2", "e0", "e1"])
+    with torch.no_grad():  # the order of the experts changes nothing routed
+        assert torch.allclose(moerge.load_routed(reordered)(ids).logits,
+                              moerge.load_routed(tmp_path / "all")(ids).logits, atol=1e-6)
+    with pytest.raises(MoergeError, match="has no expert"):
+        moerge.derive_routed(tmp_path / "all", tmp_path / "bad", drop=["nope"])
+    with pytest.raises(MoergeError, match="keep at least one"):
+        moerge.derive_routed(tmp_path / "all", tmp_path / "bad", keep=[])
+    spec_path = tmp_path / "all" / "moerge_routing.json"
+    spec = json.loads(spec_path.read_text())
+    spec["method"] = "smear"  # a jointly trained router: no subsets (other options are fine)
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(MoergeError, match="trained over all its experts together"):
+        moerge.derive_routed(tmp_path / "all", tmp_path / "bad", drop=["e0"])
+    assert not (tmp_path / "bad").exists()
+    moerge.derive_routed(tmp_path / "all", tmp_path / "k3", top_k=3)
+
+
 def test_generate_batching_padding_and_routing_mass(zoo: dict[str, Path], tmp_path: Path) -> None:
     moerge.route("arrow", zoo["base"], [zoo["e0"], zoo["e1"]], tmp_path / "gen", top_k=1)
     model = moerge.load_routed(tmp_path / "gen")

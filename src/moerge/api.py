@@ -431,9 +431,32 @@ def _routing_data(data: list[str], n: int, examples: int | None) -> list[Any]:
     return [load_samples(d, limit=examples) for d in data]
 
 
+def derive_routed(bundle: str | os.PathLike[str], out: str | os.PathLike[str], *, keep: list[str] | None = None,
+                  drop: list[str] | None = None, top_k: int | None = None, temperature: float | None = None,
+                  mix: str | None = None, force: bool = False) -> Path:
+    """A routed bundle ``out`` from ``bundle`` with only the experts ``keep`` (or all but ``drop``) and/or other
+    router options, nothing trained or computed again (subsets need per-expert rows: Arrow, PHATGOOSE,
+    average activation)."""
+    from moerge.routing.build import derive_bundle
+    from moerge.routing.bundle import read_bundle
+
+    if keep is not None and drop is not None:
+        raise MoergeError("give the experts to keep or those to drop, not both")
+    if drop is not None:
+        names = [n for n, _ in read_bundle(bundle, verify=False).experts("task")]
+        missing = [d for d in drop if d not in names]
+        if missing:
+            raise MoergeError(f"{bundle}: has no expert {', '.join(missing)} (its experts: {', '.join(names)})")
+        keep = [n for n in names if n not in drop]
+    router = {k: v for k, v in (("top_k", top_k), ("temperature", temperature), ("mix", mix)) if v is not None}
+    return derive_bundle(bundle, out, keep=keep, router=router, force=force)
+
+
 def load_routed(folder: str | os.PathLike[str], *, device: str | None = None,
-                base: str | os.PathLike[str] | None = None) -> Any:
-    """A routed bundle as a ``transformers`` model (``generate``, ``forward``, batching as usual)."""
+                base: str | os.PathLike[str] | None = None, options: Any = None) -> Any:
+    """A routed bundle as a ``transformers`` model (``generate``, ``forward``, batching as usual). ``base``:
+    the base model's folder when it moved (checked against the bundle's fingerprint); ``options``: a
+    :class:`moerge.routing.layer.RouterOptions` instead of the bundle's (another top-k, say)."""
     from moerge.routing.load import load_routed as _load
 
-    return _load(folder, device=device, base=base)
+    return _load(folder, device=device, base=base, options=options)

@@ -21,6 +21,7 @@ def route() -> None:
     Examples:
       moerge route arrow BASE bbc/ tweets/ debates/ --out routed/ --top-k 2
       moerge route inspect routed/
+      moerge route derive routed/ --drop tweets --out routed-3/
     """
 
 
@@ -167,6 +168,37 @@ def lorahub(ctx: click.Context, base: str, adapters: tuple[str, ...], data: str,
         weights = ", ".join(f"{k} {v:+.3f}" for k, v in record["weights"].items())
         click.echo(f"lorahub: weights {weights}; objective {record['search']['objective']:.4f} "
                    f"(at w = 0: {record['search']['objective_at_zero']:.4f}); wrote {path}")
+
+    run_offline(ctx, body)
+
+
+@route.command("derive")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--keep", default=None, help="Comma-separated experts to keep, in order (default: all).")
+@click.option("--drop", default=None, help="Comma-separated experts to leave out.")
+@click.option("--top-k", type=int, default=None, help="Another top-k.")
+@click.option("--temperature", type=float, default=None, help="Another softmax temperature.")
+@click.option("--mix", type=click.Choice(["outputs", "parameters"]), default=None, help="Another mixing.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.pass_context
+def derive(ctx: click.Context, bundle: str, out: str, keep: str | None, drop: str | None, top_k: int | None,
+           temperature: float | None, mix: str | None, force: bool) -> None:
+    """A new bundle from BUNDLE without training or computing anything again: a subset of its experts
+    (Arrow, PHATGOOSE and average-activation rows belong to one expert each, so removing an expert keeps
+    the others' rows; SMEAR's jointly trained router is refused) and/or other router options.
+
+    \b
+    Example (leave one expert out, route top-1):
+      moerge route derive routed/ --drop tweets --top-k 1 --out routed-no-tweets/"""
+
+    def body() -> None:
+        from moerge.api import derive_routed
+
+        path = derive_routed(bundle, out, keep=keep.split(",") if keep else None,
+                             drop=drop.split(",") if drop else None, top_k=top_k, temperature=temperature,
+                             mix=mix, force=force)
+        click.echo(f"derived {path} from {bundle}")
 
     run_offline(ctx, body)
 

@@ -171,6 +171,12 @@ class Experiment:
         t0 = time.perf_counter()
         tasks = tasks or list(self.s.tasks)
         results = self.evaluator(split, heads).results(folder, tasks, probe_only=probe_only)
+        return self.record_results(name, role, results, split, tasks, time.perf_counter() - t0, **extra)
+
+    def record_results(self, name: str, role: str, results: dict[str, dict[str, Any]], split: str,
+                       tasks: list[str], seconds: float, **extra: Any) -> dict[str, Any]:
+        """The record of per-task ``results`` (each with its accuracy and per-example hits ``correct``),
+        normalised and saved; for models that are not one folder too (a retrieval router's picks)."""
         acc = {t: r["accuracy"] for t, r in results.items()}
         norm_by = {t: self.normaliser(split, t) for t in tasks}
         normalized = {t: acc[t] / norm_by[t] for t in tasks if norm_by[t]}
@@ -185,7 +191,7 @@ class Experiment:
             "held_out_norm": _mean([normalized[t] for t in held_out if t in normalized]),
             "reference": norm_by,  # each task's normaliser (the expert's accuracy on the same examples)
             "correct": {t: r["correct"] for t, r in results.items()},  # per example, for paired comparisons
-            "eval_seconds": round(time.perf_counter() - t0, 1),
+            "eval_seconds": round(seconds, 1),
             "zoo": self.zoo_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
         }
         self._save(rec)
@@ -259,12 +265,12 @@ class Experiment:
                      "merge_peak_mib": round(rec["rss_mib"], 1), "merge_anon_mib": round(rec["anon_mib"], 1)}
 
     def merged_record(self, method: str, params: dict[str, Any], experts: list[str], split: str,
-                      tasks: list[str] | None = None, role: str = "merge") -> dict[str, Any]:
+                      tasks: list[str] | None = None, role: str = "merge", **extra: Any) -> dict[str, Any]:
         recipe = self.recipe(method, params, experts)
         out, cost = self.merge(recipe)
         try:
             return self.record(method, role, out, split, tasks, method=method, params=params, experts=experts,
-                               n_experts=len(experts), **cost, **self.stats_cost(method, experts))
+                               n_experts=len(experts), **cost, **self.stats_cost(method, experts), **extra)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 

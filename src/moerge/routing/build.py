@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -206,3 +207,63 @@ Load it with `moerge.load_routed("this folder")` (an ordinary `transformers` mod
 `moerge eval THIS_FOLDER --task ...`, or load any one expert alone with PEFT from `experts/<name>`.
 `moerge_routing.json` holds every option; `router.safetensors` holds the router rows.
 """
+
+
+# methods whose router row of an expert depends on that expert alone (a subset of the experts keeps its rows)
+PER_EXPERT_ROWS = ("arrow", "phatgoose", "avg_act")
+
+
+def derive_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], *, keep: list[str] | None = None,
+                  router: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """A bundle from another without building anything again: the task experts ``keep`` (in that order;
+    None: all) with their router rows, and ``router`` options changed (``top_k``, ``temperature``, ``mix``,
+    ``score``, ``renorm_eps``). A subset needs a method whose rows are per expert (Arrow, PHATGOOSE,
+    average activation): SMEAR's router was trained jointly over its experts and is refused."""
+    from moerge.routing.bundle import read_bundle
+    from moerge.routing.load import router_options
+
+    bundle = read_bundle(src)
+    task = [e for e in bundle.spec["experts"] if e.get("role", "task") == "task"]
+    general = [e for e in bundle.spec["experts"] if e.get("role", "task") != "task"]
+    names = [e["name"] for e in task]
+    keep = list(names) if keep is None else list(keep)
+    unknown = [k for k in keep if k not in names]
+    if unknown or not keep or len(set(keep)) != len(keep):
+        raise MoergeError(f"{src}: cannot keep {', '.join(unknown) or keep!r}: its experts are {', '.join(names)}"
+                          + ("" if keep else " (keep at least one)"))
+    if keep != names and bundle.method not in PER_EXPERT_ROWS:
+        raise MoergeError(f"{src}: a {bundle.method} router was trained over all its experts together; a subset "
+                          "would route with rows learned for another set",
+                          hint=f"train it again on the subset (subsets work for {', '.join(PER_EXPERT_ROWS)})")
+    allowed = {"top_k", "temperature", "mix", "score", "renorm_eps"}
+    if set(router or {}) - allowed:
+        raise MoergeError(f"router options {sorted(set(router or {}) - allowed)} cannot be changed",
+                          hint=f"changeable: {', '.join(sorted(allowed))}")
+    merged = {**bundle.router, **(router or {})}
+    options = RouterOptions(score=str(merged["score"]), top_k=int(merged["top_k"]),
+                            temperature=float(merged["temperature"]), mix=str(merged["mix"]),
+                            granularity=router_options(bundle).granularity, renorm_eps=float(merged["renorm_eps"]))
+    try:
+        options.check()
+    except ValueError as e:
+        raise MoergeError(str(e)) from None
+    order = [names.index(k) for k in keep]
+    src_path = Path(src)
+    check_not_an_input(Path(out), [src_path])
+    with Publication(out, force=force) as pub:
+        entries = [task[i] for i in order] + general
+        for e in entries:
+            for fname in e["files"]:
+                dst = pub.tmp / e["path"] / fname
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src_path / e["path"] / fname, dst)
+                if sha256(dst) != e["files"][fname]:
+                    raise MoergeError(f"{src_path / e['path'] / fname}: changed while it was copied")
+        rows = {m: r[order] for m, r in bundle.rows.items()}
+        biases = {m: b[order] for m, b in bundle.biases.items()}
+        spec = {k: v for k, v in bundle.spec.items() if k not in ("format", "version", "moerge")}
+        spec |= {"router": describe(options), "experts": entries,
+                 "derived": {"from": str(src_path.resolve()), "kept": keep, "router": dict(router or {})}}
+        write_spec(pub.tmp, spec, rows, _card(spec), biases or None)
+        pub.commit()
+    return Path(out)

@@ -195,7 +195,8 @@ class RoutedLinear(nn.Linear):
         sums, counts = (x.float() * m).cumsum(1), m.cumsum(1)
         if full.shape[1] > length and self._prefix is not None and self._prefix[0].shape[0] == b:
             sums, counts = sums + self._prefix[0].unsqueeze(1), counts + self._prefix[1].unsqueeze(1)
-        self._prefix = (sums[:, -1].detach(), counts[:, -1].detach())
+        self._prefix = (sums[:, -1].detach().clone(), counts[:, -1].detach().clone())  # not views: they would keep
+        # the whole [B, L, d] running sum of every layer alive
         return sums / counts.clamp_min(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

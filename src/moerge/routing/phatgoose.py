@@ -143,7 +143,7 @@ def train_gates(model: nn.Module, tok: Any, factors: dict[str, tuple[torch.Tenso
                 batch = encode(tok, [samples[i] for i in idx], settings.max_length, device)
                 loss = target_loss(model, batch) / settings.accumulate
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             opt.step()
             sched.step()
             losses.append(total)

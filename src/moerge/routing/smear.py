@@ -70,7 +70,7 @@ def train_router(model: nn.Module, tok: Any, experts: ExpertSet, n_task: int, da
             batch = encode(tok, [union[i] for i in picks[lo:lo + settings.batch_size]], settings.max_length, device)
             loss = target_loss(model, batch) / settings.accumulate
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         opt.step()
         sched.step()
         losses.append(total)
