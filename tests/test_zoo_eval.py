@@ -191,15 +191,21 @@ def test_eval_prints_the_model_next_to_the_baselines(env: dict[str, Path], encod
     assert alone.exit_code == 0 and "expert:tweets" not in alone.output and "bbc-again" in alone.output
 
 
-def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
-    from moerge.evaluation.experiment import Experiment
+@pytest.fixture(scope="module")
+def decoder_zoo(env: dict[str, Path]) -> tuple[Path, list[dict]]:
     from moerge.evaluation.zoo import build_zoo
 
     dec = _tiny_decoder(env["root"] / "llama")
     zoo = env["root"] / "zoo-dec"
-    kw = dict(track="decoder", pretrained=dec, examples=16, batch_size=8, epochs=1, tasks=["bbc", "tweets"])
-    build_zoo("tiny", zoo, kind="full", lr=1e-3, **kw)
-    metas = build_zoo("tiny", zoo, kind="lora", lr=1e-2, lora_dropout=0.05, **kw)
+    kw = dict(track="decoder", pretrained=dec, examples=16, batch_size=8, epochs=1)
+    build_zoo("tiny", zoo, kind="full", lr=1e-3, tasks=["bbc", "tweets", "rotten_tomatoes"], **kw)
+    return zoo, build_zoo("tiny", zoo, kind="lora", lr=1e-2, lora_dropout=0.05, tasks=["bbc", "tweets"], **kw)
+
+
+def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path], decoder_zoo: tuple[Path, list[dict]]) -> None:
+    from moerge.evaluation.experiment import Experiment
+
+    zoo, metas = decoder_zoo
     assert all(m["kind"] == "lora" and m["train"]["lora_dropout"] == 0.05 for m in metas)
     adapter = zoo / "decoder/lora/bbc"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -216,6 +222,55 @@ def test_decoder_lora_zoo_and_adapter_merge(env: dict[str, Path]) -> None:
     ev = Evaluator(EvalSettings("tiny", "decoder", split="validation"))
     got, want = ev.results(routed, ["bbc"])["bbc"], ev.results(adapter, ["bbc"])["bbc"]
     assert got["correct"] == want["correct"] and got["model"] == str(routed)
+
+
+def test_routing_comparison_scores_routers_beside_merges(env: dict[str, Path],
+                                                        decoder_zoo: tuple[Path, list[dict]]) -> None:
+    pytest.importorskip("nevergrad")
+    from moerge.evaluation.experiment import Experiment
+    from moerge.evaluation.report import write_report
+    from moerge.evaluation.routing import RoutingExperiment
+
+    zoo, _ = decoder_zoo
+    results = env["root"] / "res-route"
+    exp = Experiment("tiny", "decoder", "lora", zoo=zoo, results=results, log=lambda s: None)
+    rx = RoutingExperiment(exp, seeds=(0, 1), steps=2, batch_size=4, mass_examples=4, lorahub_examples=3)
+    recs = rx.held_in_setting(["arrow", "phatgoose", "smear", "retrieval", "oracle"])
+    by = {}
+    for r in recs:
+        by.setdefault(r["name"], []).append(r)
+    assert {k: len(v) for k, v in by.items()} == {"arrow": 1, "phatgoose": 2, "smear": 2, "retrieval": 1, "oracle": 1}
+    assert all(r["split"] == "test" and set(r["accuracy"]) == {"bbc", "tweets", "rotten_tomatoes"}
+               for k in ("arrow", "phatgoose", "smear", "retrieval") for r in by[k])
+    assert by["oracle"][0]["normalized"] == {"bbc": 1.0, "tweets": 1.0}  # each task's own expert, by definition
+    assert {r["params"]["seed"] for r in by["phatgoose"]} == {0, 1} and by["arrow"][0]["build_seconds"] > 0
+    for share in by["retrieval"][0]["pick_share"].values():
+        assert set(share) == {"bbc", "tweets"} and abs(sum(share.values()) - 1) < 1e-3
+    mass = by["phatgoose"][0]["routing_mass"]
+    assert set(mass) == {"bbc", "tweets"} and all(len(v) == 1 and all(0 <= x <= 1 for x in v) for v in mass.values())  # one layer
+    sweeps = [r for r in load_records_of(results) if r["role"] == "route-sweep"]
+    assert sorted(r["params"]["top_k"] for r in sweeps) == [1, 2, 3] and all(r["split"] == "validation" for r in sweeps)
+    # leave one task out with two experts: each fold routes among one expert, which is that expert
+    loto = rx.leave_one_out(["arrow", "phatgoose", "retrieval", "lorahub"], merges={"task_arithmetic": {"lambda": [1.0]}})
+    ev = exp.evaluator("test")
+    for r in loto:
+        (left,) = r["accuracy"]
+        assert r["left_out"] == left and r["experts"] == [e for e in ("bbc", "tweets") if e != left]
+        if r["name"] in ("arrow", "phatgoose", "retrieval"):
+            own = ev.results(zoo / "decoder/lora" / r["experts"][0], [left])[left]["correct"]
+            assert r["correct"][left] == own, r["name"]
+    assert {r["name"] for r in loto} == {"arrow", "phatgoose", "retrieval", "lorahub", "task_arithmetic"}
+    page = write_report(results)
+    text = page.read_text()
+    assert "Routing" in text and "leave one task out" in text
+    table = (results / "decoder-lora-routing.md").read_text()
+    assert "phatgoose" in table and "oracle" in table and (results / "decoder-lora-routing.png").exists()
+
+
+def load_records_of(results: Path) -> list[dict]:
+    from moerge.evaluation.experiment import load_records
+
+    return load_records(results)
 
 
 def test_encoder_lora_heads_start_from_a_probe_with_the_configured_penalty(

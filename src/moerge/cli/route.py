@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from moerge.cli._common import run, run_offline
+from moerge.cli.evaluation import _common, _experiment
 
 
 @click.group("route")
@@ -199,6 +200,50 @@ def derive(ctx: click.Context, bundle: str, out: str, keep: str | None, drop: st
                              drop=drop.split(",") if drop else None, top_k=top_k, temperature=temperature,
                              mix=mix, force=force)
         click.echo(f"derived {path} from {bundle}")
+
+    run_offline(ctx, body)
+
+
+@route.command("compare")
+@_common
+@click.option("--routers", default=None, help="Comma-separated routers and baselines to score (default: all of "
+              "arrow, phatgoose, avg_act, smear, retrieval, oracle, lorahub).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the trained routers (one record each).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Training steps of gates and routers.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--loto-seeds", default=None, help="Seeds of SMEAR in the leave-one-task-out folds, where it trains "
+              "again on every fold (default: --seeds).")
+@click.option("--extract-rank", type=int, default=16, show_default=True,
+              help="--kind full: route the full experts through their rank-R LoRA extraction.")
+@click.option("--no-loto", is_flag=True, help="Skip the leave-one-task-out folds.")
+@click.option("--no-held-in", is_flag=True, help="Skip the held-in setting.")
+@click.pass_context
+def compare(ctx: click.Context, suite: str, track: str, kind: str, zoo_dir: str | None, results: str,
+            val_limit: int | None, test_limit: int | None, quiet: bool, routers: str, seeds: str, steps: int,
+            batch_size: int, loto_seeds: str | None, extract_rank: int, no_loto: bool, no_held_in: bool) -> None:
+    """Score routers among the zoo's experts beside the merges (decoder track): held-in without a task id
+    (every task's test split), and leave one task out (route among the other experts, score the left-out
+    task), with the merges of the other experts and LoraHub in each fold. Records go to RESULTS beside
+    `moerge compare`'s; `moerge report RESULTS` draws the routing table and figures.
+
+    \b
+    Example (the README's routing table):
+      moerge route compare --track decoder --kind lora --val-limit 60 --test-limit 150 --results results/text
+    """
+
+    def body() -> None:
+        from moerge.evaluation.routing import ROUTERS, RoutingExperiment
+
+        exp = _experiment(suite, track, kind, zoo_dir, results, val_limit, test_limit, quiet)
+        names = [r for r in routers.split(",") if r] if routers else list(ROUTERS)
+        rx = RoutingExperiment(exp, seeds=tuple(int(x) for x in seeds.split(",")), steps=steps,
+                               batch_size=batch_size, extract_rank=extract_rank,
+                               fold_seeds=tuple(int(x) for x in loto_seeds.split(",")) if loto_seeds else None)
+        if not no_held_in:
+            rx.held_in_setting(names)
+        if not no_loto:
+            rx.leave_one_out(names)
+        click.echo(f"records in {Path(results) / 'records'}; next: moerge report {results}")
 
     run_offline(ctx, body)
 

@@ -4,7 +4,8 @@ One section per (track, expert kind): the test table (methods × tasks, raw and
 normalised accuracy, held-in and held-out means, merge cost), the validation
 sweep that chose each method's values, and three figures: held-in vs held-out
 normalised accuracy per method, accuracy vs number of merged experts, and
-accuracy vs merge cost.
+accuracy vs merge cost; where routers were scored (``moerge route compare``), the routing table and its
+two figures (:mod:`moerge.evaluation.routing_report`).
 
 Records scored against an older build of the zoo (another ``zoo`` fingerprint
 than the group's newest record) are left out of every table and figure, and the
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +23,8 @@ from typing import Any
 
 from moerge.data.tasks import get_suite
 from moerge.evaluation.experiment import load_records
+from moerge.evaluation.intervals import paired_interval
+from moerge.evaluation.intervals import png_bytes as _png
 
 ROLE_ORDER = {"pretrained": 0, "expert": 1, "multitask": 2, "merge": 3, "model": 4}  # "model": `moerge eval` of a folder
 
@@ -42,37 +44,6 @@ def test_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = [r for r in records if r["split"] == "test" and r["role"] in ROLE_ORDER]
     return sorted(rows, key=lambda r: (ROLE_ORDER[r["role"]], -(r["held_in_norm"] or 0) if r["role"] == "merge"
                                        else 0, r["name"]))
-
-
-def _normaliser(r: dict[str, Any], task: str) -> float | None:
-    ref = (r.get("reference") or {}).get(task)
-    if ref:
-        return float(ref)
-    a, n = r["accuracy"].get(task), r["normalized"].get(task)
-    return a / n if a and n else None
-
-
-def paired_interval(a: dict[str, Any], b: dict[str, Any], tasks: list[str], *, n_boot: int = 2000,
-                    seed: int = 0, level: float = 0.95) -> tuple[float, float, float] | None:
-    """Difference of mean normalised accuracy over ``tasks``, record ``a`` minus record ``b``, with a paired
-    percentile-bootstrap interval: each task's test examples are resampled (the same draws for both models,
-    which were scored on the same examples) and each task's normaliser is held at its observed value.
-    None when either record lacks per-example hits for a task."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    point, boot = 0.0, np.zeros(n_boot)
-    for t in tasks:
-        ca, cb = (a.get("correct") or {}).get(t), (b.get("correct") or {}).get(t)
-        norm = _normaliser(a, t) or _normaliser(b, t)
-        if not ca or not cb or len(ca) != len(cb) or not norm:
-            return None
-        d = np.frombuffer(ca.encode(), np.uint8).astype(np.int8) - np.frombuffer(cb.encode(), np.uint8).astype(np.int8)
-        point += d.mean() / norm
-        boot += d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1) / norm
-    k = len(tasks)
-    lo, hi = np.quantile(boot / k, [(1 - level) / 2, (1 + level) / 2])
-    return point / k, float(lo), float(hi)
 
 
 def versus_best(records: list[dict[str, Any]], suite: str) -> dict[int, str]:
@@ -129,12 +100,6 @@ def text_table(records: list[dict[str, Any]], suite: str) -> str:
 def _stats_cost(r: dict[str, Any]) -> str:
     """What a data-aware merge's statistics cost to compute (all experts, once), e.g. '412 (kfac)'."""
     return f"{r['stats_seconds']:.0f} ({r['stats_kind']})" if "stats_seconds" in r else ""
-
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def figures(records: list[dict[str, Any]], title: str) -> dict[str, bytes]:
@@ -262,6 +227,8 @@ def write_report(results: str | Path, out: str | Path | None = None,
     results = Path(results)
     out = Path(out) if out else results
     out.mkdir(parents=True, exist_ok=True)
+    from moerge.evaluation import routing_report
+
     records = load_records(results)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -292,6 +259,12 @@ def write_report(results: str | Path, out: str | Path | None = None,
         if sweep:
             parts.append("<h3>Validation sweep (held-in tasks)</h3>" + sweep)
         (out / f"{track}-{kind}-table.md").write_text(markdown_table(recs, suite) + "\n")
+        if routing_report.has_routing(recs):
+            parts.append(routing_report.html_section(recs, suite))
+            for name, png in routing_report.figures(recs, suite, title).items():
+                (out / f"{track}-{kind}-{name}.png").write_bytes(png)
+                parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+            (out / f"{track}-{kind}-routing.md").write_text(routing_report.markdown(recs, suite) + "\n")
     page = out / "report.html"
     page.write_text("\n".join(parts))
     return page
