@@ -195,3 +195,32 @@ def test_multitask_batches_spread_each_task_over_the_whole_run():
     one = _batches({"a": synthetic((16, 0, 0))}, cfg)
     assert [len(b) for _, b in one] == [8, 8, 8, 8]
     assert sorted(ex.text for _, b in one[:2] for ex in b) == sorted(ex.text for ex in synthetic((16, 0, 0)))
+
+
+def test_every_compared_method_gets_the_parameters_it_requires():
+    """A comparison's recipes name every parameter a method requires (multislerp's per-model weight has no
+    default, as in mergekit: the comparison weighs its experts alike); others are left untouched."""
+    from moerge.evaluation.experiment import GRIDS, equal_weights
+    from moerge.methods import get_method
+    from moerge.methods.base import REQUIRED
+
+    for grid in GRIDS.values():
+        for method, values in grid.items():
+            params = equal_weights(method, {k: v[0] for k, v in values.items()})
+            missing = [p.name for p in get_method(method).params if p.default is REQUIRED and p.name not in params]
+            assert not missing, (method, missing)
+    assert equal_weights("multislerp", {}) == {"weight": 1.0}
+    assert equal_weights("ties", {"density": 0.5}) == {"density": 0.5}
+    assert equal_weights("multislerp", {"weight": 2.0}) == {"weight": 2.0}
+
+
+def test_a_failing_merge_in_a_comparison_is_a_clear_error_naming_its_recipe(tmp_path):
+    """Not an internal error: the recipe, its log and the merge's own message."""
+    from types import SimpleNamespace
+
+    from moerge.errors import MoergeError
+    from moerge.evaluation.experiment import Experiment
+
+    recipe = {"method": "no_such_method", "base_model": str(tmp_path / "base"), "models": [str(tmp_path / "a")]}
+    with pytest.raises(MoergeError, match=r"merge failed \(.*\.yaml, log .*\.log\): .*no_such_method"):
+        Experiment.merge(SimpleNamespace(work=tmp_path / "work"), recipe)

@@ -116,6 +116,14 @@ def test_multislerp_antipodal_three_models_is_a_clear_error():
         run("multislerp", None, [a, -a, a.clone()], weight=[1.0, 2.0, 1.0])
 
 
+def test_multislerp_of_models_that_all_equal_the_base_is_the_base():
+    """A tensor no expert changed (LoRA experts' embeddings): zero task vectors, the base out, not an error."""
+    base = rand(3, 4, seed=5)
+    out = run("multislerp", base, [base.clone(), base.clone(), base.clone()], weight=[1.0, 1.0, 1.0])
+    assert torch.equal(out, base)
+    assert torch.equal(run("multislerp", None, [torch.zeros(3)] * 3, weight=[1.0, 1.0, 1.0]), torch.zeros(3))
+
+
 def test_karcher_of_two_unit_vectors_is_their_bisector():
     a, b = T([1.0, 0.0]), T([0.0, 3.0])
     out = run("karcher", None, [a, b], max_iter=50, tol=1e-9)

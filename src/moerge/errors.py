@@ -42,6 +42,10 @@ class OutputError(MoergeError):
     """The output cannot be written: exists without --force, disk full, permissions."""
 
 
+class StepError(MoergeError):
+    """A step an experiment runs in its own process (a merge, statistics, a router) failed; its log is named."""
+
+
 class UnknownMethodError(RecipeError):
     """No merge method is registered under the requested name."""
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from moerge.data.tasks import TaskError, get_suite
+from moerge.errors import StepError
 from moerge.evaluation.evaluate import EvalSettings, Evaluator, OwnHeadEvaluator
 from moerge.evaluation.models import default_cache
 from moerge.evaluation.zoo import (
@@ -114,6 +115,19 @@ def method_and_statistic(spec: str) -> tuple[str, str | None]:
 CURVE_METHODS = ("linear", "task_arithmetic", "ties")
 
 Log = Callable[[str], None]
+
+
+# methods that require a per-model weight and give it no default (as mergekit's multislerp): a comparison
+# weighs its experts alike (tests/test_evaluation.py checks this against the registry for every grid method)
+WEIGHT_REQUIRED = frozenset({"multislerp"})
+
+
+def equal_weights(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's parameters, with ``weight: 1.0`` (equal shares) for the methods of ``WEIGHT_REQUIRED``."""
+    out = dict(params)
+    if method in WEIGHT_REQUIRED:
+        out.setdefault("weight", 1.0)
+    return out
 
 
 @dataclass
@@ -212,7 +226,7 @@ class Experiment:
         if stat is not None:
             models = [{"model": m, "stats": str(self.stats(t, stat))} for m, t in zip(models, experts)]
         return {"method": method, "base_model": str(pretrained_dir(self.zoo, self.track)),
-                "models": models, "parameters": dict(params), "seed": self.seed}
+                "models": models, "parameters": equal_weights(method, params), "seed": self.seed}
 
     def stats(self, task: str, stat: str) -> Path:
         """An expert's statistics folder, computed on first use (`moerge stats`, its own process, measured)."""
@@ -231,7 +245,7 @@ class Experiment:
                                 "--track", self.track, "--out", str(out), "--force", "--quiet"], log=log)
             if rec["rc"]:
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise RuntimeError(f"moerge stats failed ({log}): {' '.join(tail)}")
+                raise StepError(f"moerge stats failed ({log}): {' '.join(tail)}")
         return out
 
     def stats_cost(self, spec: str, experts: list[str]) -> dict[str, Any]:
@@ -259,7 +273,7 @@ class Experiment:
                            log=log)
         if rec["rc"]:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"merge failed ({rpath}): {' '.join(tail)}")
+            raise StepError(f"merge failed ({rpath}, log {log}): {' '.join(tail)}")
         log.unlink(missing_ok=True)
         return out, {"merge_seconds": round(rec["wall"], 2), "merge_cpu_seconds": round(rec["cpu"], 2),
                      "merge_peak_mib": round(rec["rss_mib"], 1), "merge_anon_mib": round(rec["anon_mib"], 1)}

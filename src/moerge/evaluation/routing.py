@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from moerge.data.tasks import TaskError, get_task
+from moerge.errors import StepError
 from moerge.evaluation.experiment import Experiment, _line
 from moerge.evaluation.zoo import expert_dir, pretrained_dir, read_meta
 from moerge.measure import run_measured
@@ -102,7 +103,7 @@ class RoutingExperiment:
         rec = run_measured(cmd, log=log)
         if rec["rc"]:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"moerge route {method} failed ({log}): {' '.join(tail)}")
+            raise StepError(f"moerge route {method} failed ({log}): {' '.join(tail)}")
         cost = {"build_seconds": round(rec["wall"], 2), "build_cpu_seconds": round(rec["cpu"], 2),
                 "build_peak_mib": round(rec["rss_mib"], 1)}
         cost_file.write_text(json.dumps(cost))
@@ -250,7 +251,7 @@ class RoutingExperiment:
                                 *[str(self.folder(t)) for t in experts], "--data", task, "--examples",
                                 str(self.lorahub_examples), "--out", str(out), "--force", "--quiet"], log=log)
             if rec["rc"]:
-                raise RuntimeError(f"moerge route lorahub failed ({log})")
+                raise StepError(f"moerge route lorahub failed ({log})")
             cost_file.write_text(json.dumps({"build_seconds": round(rec["wall"], 2),
                                              "build_peak_mib": round(rec["rss_mib"], 1)}))
         cost = json.loads(cost_file.read_text())

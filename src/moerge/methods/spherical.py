@@ -193,7 +193,9 @@ def nuslerp(shape: tuple[int, ...], *, weight: list[float], nuslerp_flatten: boo
 
 class MultiSlerpMerger(GramMerger):
     """mergekit's multislerp, from the Gram matrix: units uᵢ = xᵢ/(‖xᵢ‖+ε), their weighted mean m,
-    the tangent Σwᵢ(uᵢ − (uᵢ·m̂)m̂) at m̂ = m/‖m‖, one exponential-map step, scaled by Σwᵢ‖xᵢ‖."""
+    the tangent Σwᵢ(uᵢ − (uᵢ·m̂)m̂) at m̂ = m/‖m‖, one exponential-map step, scaled by Σwᵢ‖xᵢ‖.
+    Where every task vector is zero (e.g. the embeddings of LoRA experts) the result is the base, not the
+    antipodal-weights error of three or more models whose unit vectors cancel."""
 
     def __init__(self, weight: list[float], normalize: bool, eps: float, deltas: bool) -> None:
         super().__init__(len(weight), deltas)
@@ -209,6 +211,8 @@ class MultiSlerpMerger(GramMerger):
         inv = 1.0 / (norms + eps)
         u = g * inv[:, None] * inv[None, :]  # Gram matrix of the units
         m_norm = math.sqrt(max(float(w @ u @ w), 0.0))
+        if not bool((norms > 0).any()):  # every model is the base here (a tensor no adapter touches): the base
+            return [0.0] * self.n
         if m_norm < eps:
             if self.n == 2:  # mergekit: linear interpolation of the two
                 return [float(x) for x in w]
