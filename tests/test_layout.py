@@ -109,7 +109,8 @@ ALLOWED = {
     "extract": {"errors", "io", "arch", "methods"},
     "testing": {"errors", "io", "methods"},
     "routing": {"errors", "version", "io", "data", "runtime", "extract"},
-    "api": {"errors", "version", "io", "recipe", "methods", "engine", "extract", "routing"},
+    "moe": {"errors", "io", "arch", "recipe", "methods", "engine", "runtime"},
+    "api": {"errors", "version", "io", "recipe", "methods", "engine", "extract", "routing", "moe"},
     "moerge": {"api", "recipe", "version"},  # the lazy facade, moerge/__init__.py
     "demo": {"errors", "moerge", "testing"},
     "evaluation": {"errors", "io", "data", "runtime", "stats", "measure", "routing"},

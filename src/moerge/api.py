@@ -86,6 +86,94 @@ def merge(
     return MergeResult(path, summary, time.perf_counter() - t0, notes, plan.warnings)
 
 
+def upcycle(
+    recipe: str | os.PathLike[str] | dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    layout: str | None = None,
+    force: bool = False,
+    shard_size: str | int = "5GB",
+    device: str | None = "cpu",
+    allow_pickle: bool = False,
+    allow_external_files: bool = False,
+    allow_nonfinite: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> MergeResult:
+    """Upcycle the dense experts of ``recipe`` (mergekit-moe's YAML, or moerge's with ``non_experts``
+    for BTX) into one mixture-of-experts model at ``out_dir``, loadable by ``transformers``.
+
+    ``layout``: ``fused`` (transformers v5's 3-D expert tensors) or ``per-expert`` (one tensor per
+    expert matrix); default: what the installed transformers writes. The router rows are computed
+    (the ``hidden`` modes run the dense base on ``device``) after every check passed and before the
+    first tensor is written; the output appears atomically. With ``dry_run`` nothing runs or is written.
+    """
+    from moerge.moe.upcycle import compute_router, plan_upcycle
+    from moerge.recipe.moe import load_moe_recipe
+
+    t0 = time.perf_counter()
+    loaded = load_moe_recipe(recipe)
+    up = plan_upcycle(loaded, layout=layout, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
+    try:
+        final = Path(out_dir)
+        check_not_an_input(final, [f for c in up.plan.checkpoints for f in c.files])
+        if final.exists() and not force:
+            raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
+        if dry_run:
+            return MergeResult(None, up.summary(), time.perf_counter() - t0, warnings=up.warnings)
+        up.warnings += compute_router(up, device or "cpu")
+        path, stats = _write_upcycle(up, final, size=parse_size(shard_size), force=force, device=device,
+                                     allow_nonfinite=allow_nonfinite, progress=progress)
+    finally:
+        up.close()
+    summary = up.summary() | {"bytes_read": stats.bytes_read}
+    return MergeResult(path, summary, time.perf_counter() - t0, stats.notes, up.warnings)
+
+
+def _write_upcycle(up: Any, out: Path, *, size: int, force: bool, device: str | None, allow_nonfinite: bool,
+                   progress: Callable[[str, int, int], None] | None) -> tuple[Path, Any]:
+    """Stream an upcycle plan into ``out`` with config, tokenizer, recipe and card; publish it."""
+    import json
+
+    from moerge.engine.execute import execute
+    from moerge.engine.plan import check_disk_space
+    from moerge.io.sidefiles import CONFIG_SIDE_FILES, moe_card, tokenizer_files
+
+    plan = up.plan
+    total, done = len(plan.items), [0]
+
+    def on_tensor(item: Any, k: int) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(item.name, done[0], total)
+
+    tensors = [(i.name, i.dtype, i.shape) for i in plan.items]
+    with ModelWriter(out, tensors, shard_size=size, force=force,
+                     metadata={"format": "pt", "moerge_version": __version__}) as writer:
+        check_disk_space(plan, out)
+        stats = execute(plan, writer, device=device, allow_nonfinite=allow_nonfinite, progress=on_tensor)
+        base = plan.checkpoints[up.index[up.recipe.base_model]]
+        writer.write_text("config.json", json.dumps(up.config, indent=2) + "\n")
+        for name in CONFIG_SIDE_FILES:
+            if (side := base.side_file(name)) is not None:
+                writer.copy_file(Path(os.path.realpath(side)), side.name)
+        for f in tokenizer_files(base):
+            writer.copy_file(Path(os.path.realpath(f)), f.name)
+        text = up.loaded.text or _dump_moe_recipe(up.recipe)
+        writer.write_text("moerge_upcycle.yaml", text)
+        if up.loaded.format == "mergekit":
+            writer.write_text("mergekit_moe_config.yml", text)
+        writer.write_text("README.md", moe_card(summary=up.summary(), recipe=up.recipe, recipe_text=text,
+                                                version=__version__, warnings=up.warnings))
+        return writer.commit(last_check=plan.check_unchanged), stats
+
+
+def _dump_moe_recipe(recipe: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False)
+
+
 def _lora_staging(plan: Plan, final: Path, force: bool, rank: int) -> Path:
     """Where a merge written as a LoRA adapter is first written in full (beside the adapter's folder)."""
     from moerge.extract import check_rank

@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from moerge import native
-from moerge.engine.items import InputRef, WorkItem
+from moerge.engine.items import InputRef, Piece, WorkItem
 from moerge.engine.plan import Plan
 from moerge.errors import NonFiniteError, PlanError
 from moerge.io.descriptors import mapping_budget
 from moerge.io.writer import ModelWriter
 from moerge.methods.finite import first_nonfinite
+from moerge.methods.masks import tensor_seed
 from moerge.methods.protocol import BLOCK, TensorMerger, block_ranges, sample_of, sample_positions
 
 COMPUTE_DTYPE = torch.float32
@@ -137,7 +138,7 @@ class _Reader:
         """Whether ``item``'s inputs are mapped whole from the page cache rather than read block by
         block: for the native kernels (which read them in place), when they fit :data:`MAP_LIMIT` and
         the descriptor budget (:func:`moerge.io.descriptors.mapping_budget`). Each pass then reads the page cache directly, with no copy and no system call per block."""
-        if not self.native or item.row_fix or item.align or item.copy_from is not None:
+        if not self.native or item.row_fix or item.align or item.kind != "merge":
             return False
         refs = _refs(item)
         if len(refs) > self.max_mapped or not all(self.plan.checkpoints[r.model].mappable(r.tensor) for r in refs):
@@ -284,6 +285,11 @@ def _item_cost(reader: _Reader, item: WorkItem, block: int) -> int:
     """Bytes an item holds while in flight: its output, and its inputs (whole ones, mapped or read,
     or one block each)."""
     plan = reader.plan
+    if item.kind == "computed":
+        return item.nbytes
+    if item.kind == "stack":  # the output, and one whole piece at a time (raw, and in float32)
+        pieces = [plan.checkpoints[p.ref.model].info(p.ref.tensor) for g in item.groups or [] for p in g]
+        return item.nbytes + max((i.numel * (getattr(torch, i.dtype).itemsize + 4) for i in pieces), default=0)
     refs = _refs(item)
     if item.copy_from is not None:
         refs = [item.copy_from]
@@ -305,6 +311,10 @@ def _item_cost(reader: _Reader, item: WorkItem, block: int) -> int:
 def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, Any], block: int) -> tuple[torch.Tensor, dict[str, Any]]:
     if item.copy_from is not None:
         return reader.raw(item.copy_from), {}
+    if item.value is not None:
+        return item.value.to(getattr(torch, item.dtype)).reshape(item.shape).contiguous(), {}
+    if item.groups is not None:
+        return _stack_item(reader, item), {}
     inp = reader.load(item)
     notes: dict[str, Any] = {}
     if plan.stats_kind is not None:
@@ -319,6 +329,42 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
         return _run_merger(plan, reader, merger, inp, block), notes
     except ValueError as err:  # a method's own check of the data (e.g. antipodal models for multislerp)
         raise PlanError(f"{plan.method.name} cannot merge tensor {item.name!r}: {err}") from None
+
+
+def _stack_item(reader: _Reader, item: WorkItem) -> torch.Tensor:
+    """A stack item: each group's pieces (whole matrices) concatenated along ``cat_dim`` into the
+    group's slot of the output, rounded once to the output dtype."""
+    out = torch.empty(item.shape, dtype=getattr(torch, item.dtype))
+    assert item.groups is not None
+    for g, pieces in enumerate(item.groups):
+        target = out[g] if item.stacked else out
+        offset = 0
+        for k, piece in enumerate(pieces):
+            t = _piece(reader, item, piece, f"{item.name}#{g}.{k}")
+            n = t.shape[item.cat_dim]
+            target.narrow(item.cat_dim, offset, n).copy_(t)
+            offset += n
+    if not reader.allow_nonfinite and first_nonfinite(out) is not None:
+        raise _output_error("upcycling", item, overflow=True)
+    return out
+
+
+def _piece(reader: _Reader, item: WorkItem, piece: Piece, key: str) -> torch.Tensor:
+    """One input matrix of a stack item, scaled and noised in float32 when asked (else as stored)."""
+    ck = reader.plan.checkpoints[piece.ref.model]
+    t = reader.raw(piece.ref).reshape(ck.info(piece.ref.tensor).shape)
+    if not reader.allow_nonfinite and (bad := first_nonfinite(t)) is not None:
+        raise NonFiniteError(f"tensor {piece.ref.tensor!r} in {ck.ref} ({ck.info(piece.ref.tensor).file}) holds "
+                             f"NaN/Inf (first at flat index {bad})",
+                             hint="fix the checkpoint, or pass --allow-nonfinite to upcycle anyway")
+    if piece.noise or piece.scale != 1.0:
+        t = t.to(COMPUTE_DTYPE)
+        if piece.noise:
+            gen = torch.Generator().manual_seed(tensor_seed(item.seed, key))
+            t = t + torch.randn(t.shape, generator=gen) * piece.noise
+        if piece.scale != 1.0:
+            t = t * piece.scale
+    return t.T if piece.transpose else t
 
 
 def _run_merger(plan: Plan, reader: _Reader, merger: TensorMerger, inp: _Inputs, block: int) -> torch.Tensor:
@@ -387,7 +433,7 @@ def _submission_order(costs: list[int]) -> list[int]:
 def _run_prepass(plan: Plan, reader: _Reader, block: int, workers: int) -> dict[str, Any]:
     """A method's whole-model statistics passes (e.g. TIES's global trim threshold), items in parallel."""
     make = plan.method.prepass
-    items = [i for i in plan.items if i.copy_from is None]
+    items = [i for i in plan.items if i.kind == "merge"]
     prepass = make(items[0].params) if make is not None and items else None  # global params: one value
     if prepass is None:
         return {}

@@ -217,6 +217,15 @@ class Experiment:
         key = json.dumps([rec["name"], rec["role"], rec["split"], rec.get("params"), rec.get("experts"),
                           rec["track"], rec["kind"]], sort_keys=True)
         path = folder / f"{rec['track']}-{rec['kind']}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}.json"
+        if path.exists():  # the same result again (its scores cached): it keeps when and at what cost it was measured
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("correct") == rec["correct"] and old.get("zoo") == rec["zoo"]:
+                for k in ("created", "eval_seconds"):
+                    if k in old:
+                        rec[k] = old[k]
         path.write_text(json.dumps(rec, indent=1, sort_keys=True))
 
     # -- merging -------------------------------------------------------------------------------

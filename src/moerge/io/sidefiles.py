@@ -72,3 +72,44 @@ def model_card(*, method: Any, recipe_text: str, conventions: str, inputs: list[
         lines += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in notes.items()]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(front + lines)
+
+
+MOE_CITATIONS = {
+    "mergekit": "Goddard et al. 2024, Arcee's MergeKit (arXiv:2403.13257), mergekit-moe",
+    "btx": "Sukhbaatar et al. 2024, Branch-Train-MiX (arXiv:2403.07816)",
+}
+
+
+def moe_card(*, summary: dict[str, Any], recipe: Any, recipe_text: str, version: str, warnings: list[str]) -> str:
+    """The model card of an upcycled mixture of experts: its parents, how its experts, non-expert
+    tensors and router were made, and the recipe."""
+    parents = list(dict.fromkeys([recipe.base_model] + [e.source_model for e in recipe.experts]
+                                 + [e.source_model for e in recipe.shared_experts or []]))
+    btx = recipe.non_experts is not None
+    front = ["---", "library_name: transformers", "tags:", "- moerge", "- merge", "- moe",
+             f"- {'btx' if btx else 'mergekit-moe'}", "base_model:"] + [f"- {json.dumps(m)}" for m in parents]
+    front += ["---", ""]
+    k, n = recipe.experts_per_token, len(recipe.experts)
+    lines = [
+        f"# Mixture of experts ({summary['architecture']}, {n} experts, top-{k})",
+        "",
+        f"Upcycled with [moerge](https://pypi.org/project/moerge/) {version} from {n} dense expert(s): each "
+        "expert's MLP became one routed expert of every layer.",
+        "",
+        "- Non-expert tensors (attention, norms, embeddings, head): " + (
+            f"merged over the experts with `{recipe.non_experts.method}` (as BTX, {MOE_CITATIONS['btx']})"
+            if btx else f"copied from `{recipe.base_model}` (as mergekit-moe, {MOE_CITATIONS['mergekit']})"),
+        f"- Router rows: gate mode `{recipe.gate_mode}`, no training; top-{k} weights "
+        + ("renormalised" if recipe.norm_topk_prob else "not renormalised"),
+        f"- Layout: {summary['layout']}; tensors: {summary['tensors']:,}; parameters: {summary['parameters']:,}",
+        "",
+        "## Experts",
+        "",
+    ]
+    lines += [f"{i}. `{e.source_model}`" for i, e in enumerate(recipe.experts)]
+    if recipe.shared_experts:
+        lines += ["", f"Shared expert: `{recipe.shared_experts[0].source_model}`"]
+    if warnings:
+        lines += ["", "## Notes", ""] + [f"- {w}" for w in warnings]
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(front + lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,18 +75,7 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Loa
     if isinstance(source, dict):
         data: Any = source
     else:
-        s = str(source)
-        if "\n" not in s and (Path(s).suffix in (".yaml", ".yml") or Path(s).exists()):
-            path = Path(s)
-            name = str(path)
-            text = _read_recipe_file(path)
-        else:
-            text = s
-        try:
-            data, lines = load_with_lines(text)
-        except RecipeYAMLError as e:
-            where = f"{name}:{e.line}" if e.line else name
-            raise RecipeError(f"{where}: {e}") from None
+        name, text, data, lines = read_yaml_source(source)
     if not isinstance(data, dict):
         raise RecipeError(f"{name}: a recipe is a YAML mapping with at least 'method' and 'models'")
     data = dict(data)
@@ -102,29 +92,56 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Loa
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            where_loc = _loc_for_lines(loc, fmt)
-            p = where_loc
-            while p and p not in lines:
-                p = p[:-1]
-            line = lines.get(p)
-            prefix = f"{name}:{line}" if line else name
-            dotted = _dotted(where_loc)
-            if err["type"] == "extra_forbidden":
-                _, allowed = _fields_at(loc[:-1])
-                key = str(loc[-1])
-                msg = f"unknown key {key!r}{' in ' + _dotted(where_loc[:-1]) if loc[:-1] else ''}{did_you_mean(key, allowed)}"
-            elif err["type"] == "missing":
-                msg = f"missing required key {dotted!r}"
-            else:
-                text_ = err["msg"].removeprefix("Value error, ")
-                msg = f"{dotted}: {text_}" if dotted else text_
-            problems.append(f"{prefix}: {msg}")
-        problems = list(dict.fromkeys(problems))
-        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems[:12])) from None
+        raise RecipeError(validation_message(e, lines, name, lambda loc: _loc_for_lines(loc, fmt),
+                                             _fields_at)) from None
     return LoadedRecipe(recipe, name, lines, text, fmt)
+
+
+def validation_message(e: ValidationError, lines: dict[tuple[Any, ...], int], name: str,
+                       to_text: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+                       fields_at: Callable[[tuple[Any, ...]], tuple[type[BaseModel] | None, list[str]]]) -> str:
+    """A pydantic validation error as one line per problem, each with the recipe line it is on.
+    ``to_text`` maps a schema location to the key path as written (mergekit's spellings);
+    ``fields_at`` gives the keys allowed at a location (for "did you mean")."""
+    problems = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        where_loc = to_text(loc)
+        p = where_loc
+        while p and p not in lines:
+            p = p[:-1]
+        line = lines.get(p)
+        prefix = f"{name}:{line}" if line else name
+        dotted = _dotted(where_loc)
+        if err["type"] == "extra_forbidden":
+            _, allowed = fields_at(loc[:-1])
+            key = str(loc[-1])
+            msg = f"unknown key {key!r}{' in ' + _dotted(where_loc[:-1]) if loc[:-1] else ''}{did_you_mean(key, allowed)}"
+        elif err["type"] == "missing":
+            msg = f"missing required key {dotted!r}"
+        else:
+            text_ = err["msg"].removeprefix("Value error, ")
+            msg = f"{dotted}: {text_}" if dotted else text_
+        problems.append(f"{prefix}: {msg}")
+    problems = list(dict.fromkeys(problems))
+    return "invalid recipe:\n  " + "\n  ".join(problems[:12])
+
+
+def read_yaml_source(source: str | os.PathLike[str], what: str = "recipe") -> tuple[str, str, Any, dict[tuple[Any, ...], int]]:
+    """(name, text, data, lines) of a YAML path or YAML text, with line-numbered parse errors."""
+    name = "<recipe>"
+    s = str(source)
+    if "\n" not in s and (Path(s).suffix in (".yaml", ".yml") or Path(s).exists()):
+        name = s
+        text = _read_recipe_file(Path(s))
+    else:
+        text = s
+    try:
+        data, lines = load_with_lines(text)
+    except RecipeYAMLError as e:
+        where = f"{name}:{e.line}" if e.line else name
+        raise RecipeError(f"{where}: {e}") from None
+    return name, text, data, lines
 
 
 def _read_recipe_file(path: Path) -> str:

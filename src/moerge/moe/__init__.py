@@ -1,0 +1,1 @@
+"""Mixtures of experts from recycled experts: upcycling dense experts (mergekit-moe, BTX) into one MoE."""

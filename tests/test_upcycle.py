@@ -1,0 +1,261 @@
+"""Upcycling dense experts into an MoE: mergekit-moe's tensors exactly, identities, BTX, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moerge
+from moerge.errors import MoergeError, NonFiniteError, PlanError, RecipeError
+from moerge.testing import make_gpt2, make_llama, perturb
+
+FIX = Path(__file__).parent / "fixtures" / "mergekit_moe"
+MANIFEST = json.loads((FIX / "manifest.json").read_text())
+# mergekit 0.1.5 writes Mixtral and Qwen3-MoE fused, Qwen2-MoE per expert
+MERGEKIT_LAYOUT = {"mixtral": "fused", "qwen3": "fused", "qwen": "per-expert"}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST["recipes"]))
+def test_mergekit_moe_recipes_give_mergekits_tensors(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(FIX)  # the recipes' model paths are relative to the fixture folder, as mergekit ran them
+    out = tmp_path / "moe"
+    res = moerge.upcycle(f"recipes/{name}.yaml", out, layout=MERGEKIT_LAYOUT[name.split("-")[0]])
+    got, want = _tensors(out), load_file(FIX / "expected" / f"{name}.safetensors")
+    assert sorted(got) == sorted(want)
+    for n, w in want.items():
+        assert got[n].dtype == w.dtype and got[n].shape == w.shape, n
+        # the hidden modes run the same bf16 forward and reductions: equal; cheap_embed sums rows in another order
+        torch.testing.assert_close(got[n], w, rtol=0, atol=2e-7, msg=n)
+    cfg_got = json.loads((out / "config.json").read_text())
+    cfg_want = json.loads((FIX / "expected" / f"{name}.config.json").read_text())
+    for k in set(cfg_got) | set(cfg_want) - {"transformers_version"}:
+        assert cfg_got.get(k) == cfg_want.get(k), k
+    assert (out / "mergekit_moe_config.yml").read_text() == (FIX / "recipes" / f"{name}.yaml").read_text()
+    card = (out / "README.md").read_text()
+    assert "mergekit-moe" in card and res.summary["architecture"] in card
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST["failed_recipes"]))
+def test_recipes_mergekit_refuses_are_refused(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(FIX)
+    with pytest.raises(RecipeError) as err:
+        moerge.upcycle(f"recipes/failing/{name}.yaml", tmp_path / "moe")
+    assert "recipes/failing" in str(err.value)  # the message names the recipe (and its line)
+    assert not (tmp_path / "moe").exists()
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dense")
+    base = make_llama(root / "base", seed=0, layers=2)
+    out = {"base": base}
+    for i in (1, 2, 3):
+        out[f"e{i}"] = perturb(base, root / f"e{i}", seed=i, scale=0.3)
+    return out
+
+
+def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("layout", ["fused", "per-expert"])
+def test_identical_experts_reproduce_the_dense_model_mixtral(dense, tmp_path, layout):
+    rec = {"base_model": str(dense["e1"]), "gate_mode": "random", "experts_per_token": 2,
+           "experts": [{"source_model": str(dense["e1"])}] * 4}
+    res = moerge.upcycle(rec, tmp_path / "moe", layout=layout)
+    assert any("same model" in w for w in res.warnings)
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["num_local_experts"] == 4
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(tmp_path / "moe", ids), _logits(dense["e1"], ids), rtol=0, atol=1e-5)
+
+
+def test_identical_experts_reproduce_the_dense_model_qwen3(tmp_path):
+    import transformers
+
+    torch.manual_seed(4)
+    cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "q3")
+    rec = {"base_model": str(tmp_path / "q3"), "gate_mode": "uniform_random", "experts_per_token": 2,
+           "experts": [{"source_model": str(tmp_path / "q3")}] * 3}
+    moerge.upcycle(rec, tmp_path / "moe", layout="fused")
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["model_type"] == "qwen3_moe"
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(tmp_path / "moe", ids), _logits(tmp_path / "q3", ids), rtol=0, atol=1e-5)
+
+
+def test_one_expert_at_top1_is_that_expert_and_layouts_agree(dense, tmp_path):
+    rec = {"base_model": str(dense["e2"]), "gate_mode": "random", "experts_per_token": 1,
+           "experts": [{"source_model": str(dense["e2"])}]}
+    moerge.upcycle(rec, tmp_path / "one", layout="per-expert")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_logits(tmp_path / "one", ids), _logits(dense["e2"], ids), rtol=0, atol=1e-5)
+    # distinct experts: the fused and the per-expert layout are the same model
+    rec = {"base_model": str(dense["base"]), "gate_mode": "random", "seed": 3,
+           "experts": [{"source_model": str(dense[f"e{i}"])} for i in (1, 2, 3)]}
+    moerge.upcycle(rec, tmp_path / "fused", layout="fused")
+    moerge.upcycle(rec, tmp_path / "split", layout="per-expert")
+    torch.testing.assert_close(_logits(tmp_path / "fused", ids), _logits(tmp_path / "split", ids), rtol=0, atol=1e-6)
+    fused = _tensors(tmp_path / "fused")
+    e3 = _tensors(dense["e3"])
+    gate_up = fused["model.layers.1.mlp.experts.gate_up_proj"]  # [E, 2I, H]: gate rows, then up rows
+    assert torch.equal(gate_up[2], torch.cat([e3["model.layers.1.mlp.gate_proj.weight"],
+                                              e3["model.layers.1.mlp.up_proj.weight"]]))
+    assert torch.equal(fused["model.layers.1.self_attn.q_proj.weight"],
+                       _tensors(dense["base"])["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_btx_merges_the_non_expert_tensors_and_scales_the_residual(dense, tmp_path):
+    rec = {"base_model": str(dense["base"]), "gate_mode": "random", "non_experts": {"method": "linear"},
+           "experts": [{"source_model": str(dense["e1"]), "residual_scale": 0.5},
+                       {"source_model": str(dense["e2"])}, {"source_model": str(dense["e3"])}]}
+    res = moerge.upcycle(rec, tmp_path / "btx", layout="fused")
+    assert res.summary["non_experts"] == "linear"
+    out = _tensors(tmp_path / "btx")
+    ex = [_tensors(dense[f"e{i}"]) for i in (1, 2, 3)]
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.embed_tokens.weight", "lm_head.weight",
+                 "model.layers.1.post_attention_layernorm.weight"):
+        torch.testing.assert_close(out[name], sum(e[name] for e in ex) / 3, rtol=0, atol=1e-6)
+    down = out["model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(down[0], ex[0]["model.layers.0.mlp.down_proj.weight"] * 0.5)
+    assert torch.equal(down[1], ex[1]["model.layers.0.mlp.down_proj.weight"])
+    assert "btx" in (tmp_path / "btx" / "README.md").read_text()
+    assert not (tmp_path / "btx" / "mergekit_moe_config.yml").exists()  # moerge's own keys: not mergekit's format
+
+
+def test_noise_is_seeded_and_has_its_scale(dense, tmp_path):
+    rec = {"base_model": str(dense["base"]), "gate_mode": "random",
+           "experts": [{"source_model": str(dense["e1"]), "noise_scale": 0.01}, {"source_model": str(dense["e2"])}]}
+    moerge.upcycle(rec, tmp_path / "a", layout="fused")
+    moerge.upcycle(rec, tmp_path / "b", layout="fused")
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    delta = a["model.layers.0.mlp.experts.down_proj"][0] - _tensors(dense["e1"])["model.layers.0.mlp.down_proj.weight"]
+    assert 0.008 < float(delta.std()) < 0.012
+
+
+def test_dry_run_writes_nothing_and_refuses_an_existing_output(dense, tmp_path):
+    rec = {"base_model": str(dense["base"]), "gate_mode": "random",
+           "experts": [{"source_model": str(dense["e1"])}, {"source_model": str(dense["e2"])}]}
+    res = moerge.upcycle(rec, tmp_path / "moe", dry_run=True)
+    assert res.output is None and not (tmp_path / "moe").exists() and res.summary["tensors"] > 0
+    (tmp_path / "moe").mkdir()
+    with pytest.raises(MoergeError, match="already exists"):
+        moerge.upcycle(rec, tmp_path / "moe", dry_run=True)
+
+
+def _rec(*experts: Path, **kw):
+    return {"base_model": str(experts[0]), "gate_mode": "random",
+            "experts": [{"source_model": str(e)} for e in experts], **kw}
+
+
+def test_bad_inputs_get_one_clear_error_and_nothing_is_written(dense, tmp_path):
+    small = make_llama(tmp_path / "small", seed=0, layers=2, hidden=16)
+    gpt2 = make_gpt2(tmp_path / "gpt2", seed=0)
+    cases = [
+        (_rec(dense["e1"], small), PlanError, "hidden_size"),
+        (_rec(dense["e1"], tmp_path / "gpt2"), PlanError, "gpt2 model .* one architecture"),
+        (_rec(gpt2, gpt2), PlanError, "llama or mistral"),
+        (_rec(dense["e1"], dense["e2"], shared_experts=[{"source_model": str(dense["e3"])}],
+              architecture="mixtral"), PlanError, "no shared expert"),
+        (_rec(dense["e1"], dense["e2"], architecture="qwen"), PlanError, "exactly one shared expert"),
+        (_rec(dense["e1"], dense["e2"], architecture="deepseek"), PlanError, "no MoE output architecture matches"),
+        (_rec(dense["e1"], dense["e2"], experts_per_token=3), RecipeError, "only 2 experts"),
+        (_rec(dense["e1"], dense["e2"], gate_mode="cheap_embed"), RecipeError, "positive_prompts"),
+    ]
+    for rec, err, text in cases:
+        with pytest.raises(err, match=text):
+            moerge.upcycle(rec, tmp_path / "moe")
+        assert not (tmp_path / "moe").exists()
+    # an expert without the MLP tensor it needs
+    broken = tmp_path / "broken"
+    shutil.copytree(dense["e2"], broken)
+    from safetensors.torch import save_file
+
+    t = load_file(broken / "model.safetensors")
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PlanError, match="up_proj"):
+        moerge.upcycle(_rec(dense["e1"], broken), tmp_path / "moe")
+    # NaN in an expert's MLP: named, and no output
+    t = load_file(dense["e3"] / "model.safetensors")
+    t["model.layers.0.mlp.gate_proj.weight"][1, 2] = float("nan")
+    nan = tmp_path / "nan"
+    shutil.copytree(dense["e3"], nan)
+    save_file(t, nan / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match="gate_proj"):
+        moerge.upcycle(_rec(dense["e1"], nan), tmp_path / "moe")
+    assert not (tmp_path / "moe").exists() and not list(tmp_path.glob(".moe*"))
+
+
+def test_unknown_key_names_its_line():
+    from moerge.recipe.moe import load_moe_recipe
+
+    with pytest.raises(RecipeError, match=r"<recipe>:4: unknown key 'positiv_prompts'.*positive_prompts"):
+        load_moe_recipe("base_model: x\nexperts:\n  - source_model: a\n    positiv_prompts: [x]\n")
+    with pytest.raises(RecipeError, match="moerge merge"):
+        load_moe_recipe("merge_method: linear\nmodels: [a]\n")
+
+
+def test_the_probe_reads_the_installed_transformers(tmp_path, monkeypatch):
+    from moerge.arch.moe_layouts import ARCHITECTURES, probe, probe_model
+
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path))
+    probe.cache_clear()
+    for arch in ARCHITECTURES:
+        p = probe(arch)
+        assert p == probe_model(arch)  # remembered as found
+        assert p.default_layout in ("fused", "per-expert") and isinstance(p.transposed, bool)
+    assert len(json.loads((tmp_path / "moe_probe.json").read_text())) == len(ARCHITECTURES)
+    probe.cache_clear()
+
+
+def test_a_shared_expert_makes_qwen2_moe_that_generates(dense, tmp_path):
+    rec = {"base_model": str(dense["base"]), "gate_mode": "random", "experts_per_token": 1,
+           "experts": [{"source_model": str(dense["e1"])}, {"source_model": str(dense["e2"])}],
+           "shared_experts": [{"source_model": str(dense["e3"]), "residual_scale": 0.5}]}
+    res = moerge.upcycle(rec, tmp_path / "qwen")
+    assert res.summary["architecture"] == "Qwen2MoeForCausalLM"  # Mixtral has no shared expert: mergekit's choice
+    out = _tensors(tmp_path / "qwen")
+    assert torch.equal(out["model.layers.0.self_attn.k_proj.bias"], torch.zeros(16))  # Llama has no q/k/v biases
+    assert out["model.layers.1.mlp.shared_expert_gate.weight"].shape == (1, 32)
+    assert torch.equal(out["model.layers.1.mlp.shared_expert.down_proj.weight"],
+                       _tensors(dense["e3"])["model.layers.1.mlp.down_proj.weight"] * 0.5)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "qwen"))
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, 7)
+
+
+def test_cli_upcycle_dry_run_and_errors(dense, tmp_path):
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(f"base_model: {dense['base']}\ngate_mode: random\nexperts:\n"
+                      f"  - source_model: {dense['e1']}\n  - source_model: {dense['e2']}\n")
+    res = CliRunner().invoke(main, ["upcycle", str(recipe), str(tmp_path / "moe"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "planned 2 experts into MixtralForCausalLM" in res.output and not (tmp_path / "moe").exists()
+    recipe.write_text(recipe.read_text().replace("random", "hidden"))
+    res = CliRunner().invoke(main, ["upcycle", str(recipe), str(tmp_path / "moe")])
+    assert res.exit_code == 2 and f"{recipe}:4: experts[0]" in res.output
