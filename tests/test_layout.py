@@ -102,15 +102,15 @@ ALLOWED = {
     "arch": {"errors"},
     "recipe": {"errors", "io"},
     "methods": {"errors", "native"},
-    "data": {"errors"},
+    "data": {"errors", "io"},
     "runtime": {"errors", "io"},
     "stats": {"errors", "io", "data", "runtime"},
     "engine": {"errors", "io", "arch", "recipe", "methods", "native", "stats"},  # stats: its format only
     "extract": {"errors", "io", "arch", "methods"},
     "testing": {"errors", "io", "methods"},
     "routing": {"errors", "version", "io", "data", "runtime", "extract"},
-    "moe": {"errors", "io", "arch", "recipe", "methods", "engine", "runtime"},
-    "api": {"errors", "version", "io", "recipe", "methods", "engine", "extract", "routing", "moe"},
+    "moe": {"errors", "io", "arch", "recipe", "methods", "engine", "data", "runtime"},
+    "api": {"errors", "version", "io", "data", "recipe", "methods", "engine", "extract", "routing", "moe"},
     "moerge": {"api", "recipe", "version"},  # the lazy facade, moerge/__init__.py
     "demo": {"errors", "moerge", "testing"},
     "evaluation": {"errors", "io", "data", "runtime", "stats", "measure", "routing"},

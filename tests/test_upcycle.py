@@ -259,3 +259,174 @@ def test_cli_upcycle_dry_run_and_errors(dense, tmp_path):
     recipe.write_text(recipe.read_text().replace("random", "hidden"))
     res = CliRunner().invoke(main, ["upcycle", str(recipe), str(tmp_path / "moe")])
     assert res.exit_code == 2 and f"{recipe}:4: experts[0]" in res.output
+
+
+def test_data_gate_rows_are_the_mean_state_the_router_sees(dense, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moerge.data.samples import encode, load_samples
+    from moerge.io.checkpoint import open_source
+    from moerge.io.tokenizers import load_tokenizer
+    from moerge.testing import make_bpe_tokenizer
+
+    texts = ["shares fell sharply", "the bank raised rates", "the striker scored", "what a match lol"] * 4
+    base = make_llama(tmp_path / "base", seed=5, layers=2, vocab=300)
+    make_bpe_tokenizer(base, texts, vocab_size=280)
+    files = []
+    for k, rows in enumerate((texts[:2], texts[2:4])):
+        f = tmp_path / f"d{k}.jsonl"
+        f.write_text("".join(json.dumps({"prompt": t, "target": " yes"}) + "\n" for t in rows * 3))
+        files.append(f)
+    rec = {"base_model": str(base), "gate_mode": "data", "data_examples": 5,
+           "experts": [{"source_model": str(base), "data": str(f)} for f in files]}
+    moerge.upcycle(rec, tmp_path / "moe", layout="fused")
+    out = _tensors(tmp_path / "moe")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe")).eval()
+    with open_source(base) as src:
+        tok = load_tokenizer(src)
+    tok.pad_token = tok.eos_token
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    hooks = [model.model.layers[k].mlp.gate.register_forward_hook(
+        lambda mod, args, o, k=k: seen[k].append(args[0].reshape(-1, args[0].shape[-1]))) for k in (0, 1)]
+    means = []
+    for f in files:  # the router's own input, over each expert's real tokens
+        for k in seen:
+            seen[k].clear()
+        batch = encode(tok, load_samples(str(f), limit=5), 256, torch.device("cpu"))
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        keep = batch["attention_mask"].reshape(-1).bool()
+        means.append(torch.stack([seen[k][0][keep].mean(0) for k in (0, 1)]))  # (L, H)
+    means_t = torch.stack(means, dim=1)  # (L, E, H)
+    want = means_t - means_t.mean(dim=1, keepdim=True)
+    for k in (0, 1):
+        torch.testing.assert_close(out[f"model.layers.{k}.mlp.gate.weight"], want[k], rtol=1e-4, atol=1e-5)
+    for h in hooks:
+        h.remove()
+    # a data source that is neither a file nor a task is refused before anything runs
+    rec["experts"][1]["data"] = "no_such_task"
+    with pytest.raises(PlanError, match="neither a file nor a task"):
+        moerge.upcycle(rec, tmp_path / "moe2")
+    del rec["experts"][1]["data"]
+    with pytest.raises(RecipeError, match="has no data"):
+        moerge.upcycle(rec, tmp_path / "moe2")
+
+
+def test_inspect_reads_both_layouts_and_counts_expert_use(dense, tmp_path):
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+    from moerge.moe.view import open_moe
+    from moerge.testing import make_bpe_tokenizer
+
+    texts = ["shares fell sharply", "the bank raised rates", "the striker scored", "what a match lol"] * 4
+    base = make_llama(tmp_path / "base", seed=6, layers=2, vocab=300)
+    make_bpe_tokenizer(base, texts, vocab_size=280)
+    e2 = perturb(base, tmp_path / "e2", seed=9, scale=0.3)
+    rec = {"base_model": str(base), "gate_mode": "random", "experts_per_token": 1,
+           "experts": [{"source_model": str(base)}, {"source_model": str(e2)}, {"source_model": str(base)}]}
+    for layout in ("fused", "per-expert"):
+        moerge.upcycle(rec, tmp_path / layout, layout=layout)
+    with open_moe(tmp_path / "fused") as a, open_moe(tmp_path / "per-expert") as b:
+        assert (a.layout, b.layout, a.experts, a.top_k) == ("fused", "per-expert", 3, 1)
+        for e in range(3):  # the same matrices, whichever layout holds them
+            assert all(torch.equal(x, y) for x, y in zip(a.expert(1, e), b.expert(1, e)))
+        e2_down = _tensors(e2)["model.layers.1.mlp.down_proj.weight"]
+        assert torch.equal(a.expert(1, 1)[2], e2_down)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t, "target": " ok"}) + "\n" for t in texts))
+    info = moerge.inspect_moe(tmp_path / "fused", data=str(data), examples=8)
+    assert info["architecture"] == "MixtralForCausalLM" and len(info["routers"]) == 2
+    for layer in info["usage"]["chosen"]:  # top-1: every real token picks exactly one expert
+        assert sum(layer) == pytest.approx(1.0)
+    res = CliRunner().invoke(main, ["moe", "inspect", str(tmp_path / "per-expert"), "--data", str(data),
+                                    "--examples", "8"])
+    assert res.exit_code == 0, res.output
+    assert "3 experts" in res.output and "per-expert layout" in res.output and "top-k share" in res.output
+    res = CliRunner().invoke(main, ["moe", "inspect", str(base)])
+    assert res.exit_code != 0 and "not an MoE" in res.output
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory) -> dict[str, Path]:
+    """A Llama base with a real tokenizer, an expert of it, and calibration data."""
+    from moerge.testing import make_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    texts = ["shares fell sharply", "the bank raised rates", "the striker scored", "what a match lol"] * 4
+    base = make_llama(root / "base", seed=6, layers=2, vocab=300)
+    make_bpe_tokenizer(base, texts, vocab_size=280)
+    e2 = perturb(base, root / "e2", seed=9, scale=0.3)
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t, "target": " ok"}) + "\n" for t in texts))
+    return {"base": base, "e2": e2, "data": data}
+
+
+@pytest.mark.parametrize("layout", ["fused", "per-expert"])
+def test_shrink_merging_identical_experts_changes_nothing(with_tokenizer, tmp_path, layout):
+    w = with_tokenizer
+    pa, pb = ["shares fell"], ["the striker scored"]
+    rec = {"base_model": str(w["base"]), "gate_mode": "cheap_embed", "experts_per_token": 1,
+           "experts": [{"source_model": str(w["base"]), "positive_prompts": pa},
+                       {"source_model": str(w["e2"]), "positive_prompts": pb},
+                       {"source_model": str(w["base"]), "positive_prompts": pa},
+                       {"source_model": str(w["e2"]), "positive_prompts": pb}]}
+    moerge.upcycle(rec, tmp_path / "moe", layout=layout)
+    res = moerge.shrink_moe(tmp_path / "moe", tmp_path / "small", experts=2, method="hc-smoe", data=str(w["data"]),
+                            examples=16)
+    assert [g["groups"] for g in res.notes["groups"]] == [[[0, 2], [1, 3]]] * 2  # the identical pairs cluster
+    cfg = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert cfg["num_local_experts"] == 2
+    small = _tensors(tmp_path / "small")
+    big = _tensors(tmp_path / "moe")
+    assert sum(t.numel() for t in small.values()) < sum(t.numel() for t in big.values())
+    ids = torch.randint(3, 280, (2, 8), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(tmp_path / "small", ids), _logits(tmp_path / "moe", ids), rtol=0, atol=1e-5)
+    assert "hc-smoe" in (tmp_path / "small" / "README.md").read_text()
+    report = json.loads((tmp_path / "small" / "moerge_shrink.json").read_text())
+    assert report["layers"][0]["groups"] == [[0, 2], [1, 3]]
+
+
+def test_shrink_by_frequency_keeps_the_most_used_rows_and_experts(with_tokenizer, tmp_path):
+    from moerge.moe.view import open_moe
+
+    w = with_tokenizer
+    rec = {"base_model": str(w["base"]), "gate_mode": "random", "seed": 4, "experts_per_token": 2,
+           "experts": [{"source_model": str(w["base"])}, {"source_model": str(w["e2"])},
+                       {"source_model": str(w["base"]), "residual_scale": 0.5}]}
+    moerge.upcycle(rec, tmp_path / "moe", layout="fused")
+    info = moerge.inspect_moe(tmp_path / "moe", data=str(w["data"]), examples=16)
+    res = moerge.shrink_moe(tmp_path / "moe", tmp_path / "small", experts=2, method="frequency",
+                            data=str(w["data"]), examples=16, layout="per-expert")
+    with open_moe(tmp_path / "moe") as big, open_moe(tmp_path / "small") as small:
+        assert small.experts == 2 and small.layout == "per-expert"
+        for layer in range(2):
+            share = info["usage"]["chosen"][layer]
+            kept = sorted(sorted(range(3), key=lambda e: (-share[e], e))[:2])
+            assert [g for g in res.notes["groups"][layer]["groups"]] == [[e] for e in kept]
+            assert torch.equal(small.router(layer), big.router(layer)[kept])
+            for new, old in enumerate(kept):
+                assert all(torch.equal(a, b) for a, b in zip(small.expert(layer, new), big.expert(layer, old)))
+    from click.testing import CliRunner
+
+    from moerge.cli import main
+
+    cli = CliRunner().invoke(main, ["moe", "shrink", str(tmp_path / "moe"), str(tmp_path / "dry"), "--experts", "2",
+                                    "--method", "frequency", "--data", str(w["data"]), "--dry-run"])
+    assert cli.exit_code == 0 and "planned MixtralForCausalLM from 3 to 2 experts" in cli.output, cli.output
+    assert not (tmp_path / "dry").exists()
+    for k, err in ((3, "between 1 and 2"), (1, "cannot keep fewer")):
+        with pytest.raises(PlanError, match=err):
+            moerge.shrink_moe(tmp_path / "moe", tmp_path / "bad", experts=k, method="frequency", data=str(w["data"]))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_average_linkage_against_hand_computed_clusters():
+    from moerge.moe.shrink import average_linkage, member_weights
+
+    pts = torch.tensor([[0.0], [1.0], [10.0], [11.5], [30.0]])
+    assert average_linkage(pts, 3) == [[0, 1], [2, 3], [4]]
+    # {0,1} to {2,3}: mean of 10, 11.5, 9, 10.5 = 10.25; {2,3} to {4}: 19.25 → {0,1,2,3}, {4}
+    assert average_linkage(pts, 2) == [[0, 1, 2, 3], [4]]
+    assert member_weights([0, 2], torch.tensor([0.3, 0.5, 0.1]), "frequency") == pytest.approx([0.75, 0.25])
+    assert member_weights([1], torch.tensor([0.0, 0.0]), "frequency") == [1.0]

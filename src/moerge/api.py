@@ -130,6 +130,96 @@ def upcycle(
     return MergeResult(path, summary, time.perf_counter() - t0, stats.notes, up.warnings)
 
 
+def inspect_moe(model: str | os.PathLike[str], *, data: str | None = None, examples: int = 32,
+                device: str = "cpu") -> dict[str, Any]:
+    """An MoE checkpoint's class, sizes, layout and per-layer router statistics; with ``data`` (a task or
+    a JSONL of prompt/target rows), which experts each layer picks on it (see :mod:`moerge.moe.inspect`)."""
+    from moerge.moe.inspect import inspect_moe as run
+
+    return run(model, data=data, examples=examples, device=device)
+
+
+def shrink_moe(
+    model: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    experts: int,
+    method: str = "hc-smoe",
+    data: str | None = None,
+    examples: int = 64,
+    max_length: int = 256,
+    merge: str = "frequency",
+    router: str = "dominant",
+    layout: str | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    dry_run: bool = False,
+) -> MergeResult:
+    """Shrink the MoE at ``model`` to ``experts`` experts per layer, written to ``out_dir`` (a smaller
+    checkpoint transformers loads as it is). ``method``: ``frequency`` (keep the most used) or ``hc-smoe``
+    (cluster by mean output, merge each cluster); both read calibration ``data`` (a task or a JSONL of
+    prompt/target rows) run through the MoE. See :mod:`moerge.moe.shrink` for every convention."""
+    from moerge.data.samples import load_samples
+    from moerge.moe.shrink import SHRINK_METHODS, calibrate, groups_for, member_weights, plan_experts, plan_shrink
+
+    t0 = time.perf_counter()
+    if method not in SHRINK_METHODS:
+        raise MoergeError(f"unknown shrink method {method!r}; choose one of {', '.join(SHRINK_METHODS)}")
+    if merge not in ("frequency", "average") or router not in ("dominant", "mean"):
+        raise MoergeError(f"merge is frequency or average (got {merge!r}); router is dominant or mean (got {router!r})")
+    if data is None:
+        raise MoergeError(f"{method} reads calibration data", hint="pass --data TASK or --data FILE.jsonl")
+    samples = load_samples(data, limit=examples)
+    sp = plan_shrink(model, experts, layout=layout)
+    try:
+        final = Path(out_dir)
+        check_not_an_input(final, [f for c in sp.plan.checkpoints for f in c.files])
+        if final.exists() and not force:
+            raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
+        if dry_run:
+            return MergeResult(None, sp.summary(), time.perf_counter() - t0)
+        calib = calibrate(Path(model), sp.view, samples, max_length=max_length, device=device,
+                          outputs=method == "hc-smoe")
+        groups = [groups_for(method, calib, layer, experts) for layer in range(sp.view.layers)]
+        weights = [[member_weights(g, calib.frequency[layer], merge) for g in groups[layer]]
+                   for layer in range(sp.view.layers)]
+        plan_experts(sp, groups, weights, router, calib.frequency)
+        report = {"method": method, "merge": merge, "router": router, "data": data, "tokens": calib.tokens,
+                  "experts_in": sp.view.experts, "experts_out": experts,
+                  "layers": [{"groups": g, "weights": w, "frequency": calib.frequency[k].tolist()}
+                             for k, (g, w) in enumerate(zip(groups, weights))]}
+        path = _write_shrink(sp, final, report, force=force)
+    finally:
+        sp.close()
+    return MergeResult(path, sp.summary(), time.perf_counter() - t0, {"groups": report["layers"]})
+
+
+def _write_shrink(sp: Any, out: Path, report: dict[str, Any], *, force: bool) -> Path:
+    import json
+
+    from moerge.engine.execute import execute
+    from moerge.engine.plan import check_disk_space
+    from moerge.io.sidefiles import CONFIG_SIDE_FILES, shrink_card, tokenizer_files
+
+    plan = sp.plan
+    src = plan.checkpoints[0]
+    tensors = [(i.name, i.dtype, i.shape) for i in plan.items]
+    with ModelWriter(out, tensors, shard_size=parse_size("5GB"), force=force,
+                     metadata={"format": "pt", "moerge_version": __version__}) as writer:
+        check_disk_space(plan, out)
+        execute(plan, writer, device="cpu")
+        writer.write_text("config.json", json.dumps(sp.config, indent=2) + "\n")
+        for name in CONFIG_SIDE_FILES:
+            if (side := src.side_file(name)) is not None:
+                writer.copy_file(Path(os.path.realpath(side)), side.name)
+        for f in tokenizer_files(src):
+            writer.copy_file(Path(os.path.realpath(f)), f.name)
+        writer.write_text("moerge_shrink.json", json.dumps(report, indent=1) + "\n")
+        writer.write_text("README.md", shrink_card(source=src.ref, summary=sp.summary(), report=report,
+                                                   version=__version__))
+        return writer.commit(last_check=plan.check_unchanged)
+
+
 def _write_upcycle(up: Any, out: Path, *, size: int, force: bool, device: str | None, allow_nonfinite: bool,
                    progress: Callable[[str, int, int], None] | None) -> tuple[Path, Any]:
     """Stream an upcycle plan into ``out`` with config, tokenizer, recipe and card; publish it."""

@@ -73,4 +73,102 @@ def upcycle(ctx: click.Context, recipe: str, out_dir: str, layout: str | None, f
     run_offline(ctx, body)
 
 
-COMMANDS = [upcycle]
+@click.group()
+def moe() -> None:
+    """Look into mixture-of-experts checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE; fused or per-expert layout)."""
+
+
+@moe.command("inspect")
+@click.argument("model", type=click.Path(file_okay=False, exists=True))
+@click.option("--data", default=None, help="A task name or a JSONL of prompt/target rows: show which experts "
+              "each layer's router picks on it.")
+@click.option("--examples", default=32, show_default=True, help="Examples of --data to run.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.pass_context
+def inspect_cmd(ctx: click.Context, model: str, data: str | None, examples: int, device: str, as_json: bool) -> None:
+    """Show MODEL's experts, routers and (with --data) per-layer expert usage.
+
+    \b
+    Per layer: the router rows' norms, the largest |cosine| between two rows and
+    their condition number (rows nearly alike route nearly alike); with --data, the
+    share of real tokens whose top-k includes each expert, and its mean routing
+    probability. Example:
+      moerge moe inspect ./moe --data bbc
+    """
+
+    def body() -> None:
+        import json
+
+        from moerge.api import inspect_moe
+
+        info = inspect_moe(model, data=data, examples=examples, device=device)
+        if as_json:
+            click.echo(json.dumps(info, indent=1))
+            return
+        click.echo(f"{info['architecture']}: {info['layers']} layers, {info['experts']} experts of width "
+                   f"{info['expert_width']}, top-{info['experts_per_token']} "
+                   f"({'renormalised' if info['norm_topk_prob'] else 'not renormalised'}), "
+                   f"{'a shared expert, ' if info['shared_expert'] else ''}{info['layout']} layout")
+        usage = info.get("usage")
+        head = "layer  router norms      max|cos|   cond"
+        if usage:
+            head += "   top-k share per expert (" + f"{usage['tokens']} tokens of {usage['data']})"
+        click.echo(head)
+        for k, r in enumerate(info["routers"]):
+            line = f"{k:>5}  {r['norm_min']:7.3g}–{r['norm_max']:<7.3g}  {r['max_abs_cos']:8.3f} {r['cond']:7.3g}"
+            if usage:
+                line += "   " + " ".join(f"{c:5.2f}" for c in usage["chosen"][k])
+            click.echo(line)
+
+    run_offline(ctx, body)
+
+
+@moe.command("shrink")
+@click.argument("model", type=click.Path(file_okay=False, exists=True))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--experts", "k", type=int, required=True, help="Experts per layer to keep (K).")
+@click.option("--method", type=click.Choice(["hc-smoe", "frequency"]), default="hc-smoe", show_default=True,
+              help="hc-smoe: cluster experts by mean output, merge each cluster; frequency: keep the most used.")
+@click.option("--data", required=True, help="Calibration data: a task name or a JSONL of prompt/target rows.")
+@click.option("--examples", default=64, show_default=True)
+@click.option("--merge", type=click.Choice(["frequency", "average"]), default="frequency", show_default=True,
+              help="How a cluster's members are averaged.")
+@click.option("--router", type=click.Choice(["dominant", "mean"]), default="dominant", show_default=True,
+              help="A merged expert's router row: its most used member's, or the frequency-weighted mean.")
+@click.option("--layout", type=click.Choice(["fused", "per-expert"]), default=None,
+              help="Output layout (default: the input's).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--dry-run", is_flag=True, help="Check MODEL, K and the data; run and write nothing.")
+@click.pass_context
+def shrink_cmd(ctx: click.Context, model: str, out_dir: str, k: int, method: str, data: str, examples: int,
+               merge: str, router: str, layout: str | None, device: str, force: bool, dry_run: bool) -> None:
+    """Shrink MODEL to K experts per layer: a smaller checkpoint in OUT_DIR.
+
+    \b
+    The calibration data runs through MODEL once (routing counts, and for
+    hc-smoe every expert's mean output); each layer's K output experts are then
+    written with K router rows and the config's expert count set to K, so
+    transformers loads OUT_DIR as a smaller model. Example:
+      moerge moe shrink ./moe ./smaller --experts 2 --method hc-smoe --data bbc
+    """
+
+    def body() -> None:
+        from moerge.api import shrink_moe
+
+        res = shrink_moe(model, out_dir, experts=k, method=method, data=data, examples=examples, merge=merge,
+                         router=router, layout=layout, force=force, device=device, dry_run=dry_run)
+        s = res.summary
+        click.echo(f"{'planned' if dry_run else 'shrank'} {s['architecture']} from {s['experts_in']} to "
+                   f"{s['experts_out']} experts per layer ({method}): {s['input_bytes'] / 1e9:.2f} GB in"
+                   + ("" if dry_run else f", {s['output_bytes'] / 1e9:.2f} GB out, {res.seconds:.1f} s"))
+        for layer, g in enumerate(res.notes.get("groups", [])):
+            click.echo(f"  layer {layer}: " + " · ".join("+".join(map(str, m)) for m in g["groups"]))
+        if res.output is not None:
+            click.echo(f"wrote {res.output}")
+
+    run_offline(ctx, body)
+
+
+COMMANDS = [upcycle, moe]

@@ -288,8 +288,13 @@ def _item_cost(reader: _Reader, item: WorkItem, block: int) -> int:
     if item.kind == "computed":
         return item.nbytes
     if item.kind == "stack":  # the output, and one whole piece at a time (raw, and in float32)
-        pieces = [plan.checkpoints[p.ref.model].info(p.ref.tensor) for g in item.groups or [] for p in g]
-        return item.nbytes + max((i.numel * (getattr(torch, i.dtype).itemsize + 4) for i in pieces), default=0)
+        sizes = [(math.prod(p.shape) if p.shape else info.numel, getattr(torch, info.dtype).itemsize)
+                 for g in item.groups or [] for p in g
+                 for info in (plan.checkpoints[p.ref.model].info(p.ref.tensor),)]
+        group = math.prod(item.shape[1:] if item.stacked else item.shape)
+        summed = any(len({p.term for p in g}) > 1 for g in item.groups or [])
+        # the output, one piece being read (raw and in float32), and a group's running sum when terms add
+        return item.nbytes + max((n * (size + 4) for n, size in sizes), default=0) + (group * 8 if summed else 0)
     refs = _refs(item)
     if item.copy_from is not None:
         refs = [item.copy_from]
@@ -332,32 +337,40 @@ def _merge_item(plan: Plan, reader: _Reader, item: WorkItem, extra: dict[str, An
 
 
 def _stack_item(reader: _Reader, item: WorkItem) -> torch.Tensor:
-    """A stack item: each group's pieces (whole matrices) concatenated along ``cat_dim`` into the
-    group's slot of the output, rounded once to the output dtype."""
+    """A stack item: in each group, every term's pieces concatenated along ``cat_dim`` and the terms added
+    (in float32 when there are several), into the group's slot of the output, rounded once to its dtype."""
     out = torch.empty(item.shape, dtype=getattr(torch, item.dtype))
     assert item.groups is not None
     for g, pieces in enumerate(item.groups):
         target = out[g] if item.stacked else out
-        offset = 0
-        for k, piece in enumerate(pieces):
-            t = _piece(reader, item, piece, f"{item.name}#{g}.{k}")
-            n = t.shape[item.cat_dim]
-            target.narrow(item.cat_dim, offset, n).copy_(t)
-            offset += n
+        terms = sorted({p.term for p in pieces})
+        total: torch.Tensor | None = None
+        for term in terms:
+            parts = [_piece(reader, item, p, f"{item.name}#{g}.{k}", len(terms) > 1)
+                     for k, p in enumerate(pieces) if p.term == term]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=item.cat_dim)
+            total = t if total is None else total + t
+        assert total is not None
+        target.copy_(total.reshape(target.shape))
     if not reader.allow_nonfinite and first_nonfinite(out) is not None:
         raise _output_error("upcycling", item, overflow=True)
     return out
 
 
-def _piece(reader: _Reader, item: WorkItem, piece: Piece, key: str) -> torch.Tensor:
-    """One input matrix of a stack item, scaled and noised in float32 when asked (else as stored)."""
+def _piece(reader: _Reader, item: WorkItem, piece: Piece, key: str, wide: bool = False) -> torch.Tensor:
+    """One input matrix (or part) of a stack item, scaled and noised in float32 when asked or ``wide``
+    (else as stored)."""
     ck = reader.plan.checkpoints[piece.ref.model]
-    t = reader.raw(piece.ref).reshape(ck.info(piece.ref.tensor).shape)
+    info = ck.info(piece.ref.tensor)
+    if piece.shape is None:
+        t = reader.raw(piece.ref).reshape(info.shape)
+    else:
+        t = reader.raw(piece.ref, piece.start, math.prod(piece.shape)).reshape(piece.shape)
     if not reader.allow_nonfinite and (bad := first_nonfinite(t)) is not None:
-        raise NonFiniteError(f"tensor {piece.ref.tensor!r} in {ck.ref} ({ck.info(piece.ref.tensor).file}) holds "
-                             f"NaN/Inf (first at flat index {bad})",
-                             hint="fix the checkpoint, or pass --allow-nonfinite to upcycle anyway")
-    if piece.noise or piece.scale != 1.0:
+        raise NonFiniteError(f"tensor {piece.ref.tensor!r} in {ck.ref} ({info.file}) holds "
+                             f"NaN/Inf (first at flat index {piece.start + bad})",
+                             hint="fix the checkpoint, or pass --allow-nonfinite to go on anyway")
+    if piece.noise or piece.scale != 1.0 or wide:
         t = t.to(COMPUTE_DTYPE)
         if piece.noise:
             gen = torch.Generator().manual_seed(tensor_seed(item.seed, key))

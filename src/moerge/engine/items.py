@@ -35,6 +35,10 @@ class Piece:
     scale: float = 1.0
     noise: float = 0.0
     transpose: bool = False
+    # a part of the input: ``shape`` elements from flat offset ``start`` (one expert of a fused tensor)
+    start: int = 0
+    shape: tuple[int, ...] | None = None
+    term: int = 0  # pieces of one term are concatenated; a group's terms are added (a weighted merge of experts)
 
 
 @dataclass
@@ -54,8 +58,8 @@ class WorkItem:
     align: bool = False  # rows follow the plan's vocabulary alignment (one row per output token)
     pad_from: InputRef | None = None  # rows missing from an input come from here (default: base or first input)
     stats: list[tuple[InputRef, ...]] | None = None  # data-aware methods: each input's statistics (None: none)
-    # stack: output = stack over groups of (pieces concatenated along ``cat_dim``); without a new
-    # leading dimension when ``stacked`` is False (then exactly one group)
+    # stack: output = stack over groups of (the sum over terms of the term's pieces concatenated along
+    # ``cat_dim``); without a new leading dimension when ``stacked`` is False (then exactly one group)
     groups: list[list[Piece]] | None = None
     cat_dim: int = 0
     stacked: bool = True

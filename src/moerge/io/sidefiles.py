@@ -113,3 +113,21 @@ def moe_card(*, summary: dict[str, Any], recipe: Any, recipe_text: str, version:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in warnings]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(front + lines)
+
+
+def shrink_card(*, source: str, summary: dict[str, Any], report: dict[str, Any], version: str) -> str:
+    """The model card of a shrunk MoE: where it came from, how its experts were merged or dropped."""
+    how = {"frequency": "kept the most used experts of each layer (frequency pruning)",
+           "hc-smoe": "clustered each layer's experts by their mean output over the calibration tokens (average "
+                      "linkage) and merged each cluster (HC-SMoE, Chen et al. 2025, arXiv:2410.08589)"}[report["method"]]
+    front = ["---", "library_name: transformers", "tags:", "- moerge", "- moe", f"- {report['method']}",
+             "base_model:", f"- {json.dumps(source)}", "---", ""]
+    lines = [f"# {summary['architecture']} shrunk from {report['experts_in']} to {report['experts_out']} experts",
+             "", f"Made with [moerge](https://pypi.org/project/moerge/) {version} from `{source}`: {how}; "
+             f"merged experts are the {report['merge']}-weighted average of their members, router rows "
+             f"{'the most used member' if report['router'] == 'dominant' else 'the frequency-weighted mean'}'s. "
+             f"Calibration: {report['tokens']:,} tokens of `{report['data']}`.", "",
+             "| layer | experts kept or merged (input indices) |", "|---|---|"]
+    lines += [f"| {k} | {' · '.join('+'.join(map(str, g)) for g in layer['groups'])} |"
+              for k, layer in enumerate(report["layers"])]
+    return "\n".join(front + lines) + "\n"

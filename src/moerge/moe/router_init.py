@@ -11,6 +11,14 @@ Each mode gives ``W`` of shape (L, E, H): row e of layer ℓ is expert e's route
   unit length per layer. ``hidden_avg``: the mean over all (padded) positions instead of the last.
   The forward runs in ``router_dtype`` (mergekit: bfloat16) and so does every later step, as there.
 
+moerge's own mode:
+
+- ``data``: the state the router really sees at run time — the output of layer ℓ's
+  ``post_attention_layernorm`` in the dense base — averaged over every real token of the expert's own
+  examples (prompt and target), then centred over the experts (subtracting their mean row shifts every
+  logit of a token by the same amount, so routing is that of the raw means: a nearest-mean router).
+  Rows keep their natural scale: no unit-length step.
+
 Conventions: mergekit draws the random modes from torch's global generator (unseeded unless
 ``--random-seed``); here from a generator seeded by the recipe's ``seed``. mergekit's ``hidden`` is not
 the state the router sees at run time (that is after attention and ``post_attention_layernorm``).
@@ -98,6 +106,43 @@ def hidden_summary(model: Any, mode: str) -> Callable[[dict[str, torch.Tensor]],
         return (h.sum(dim=1) / h.shape[1]).cpu()  # (L, H)
 
     return summary
+
+
+def data_rows(model: Any, tokenizer: Any, expert_samples: Sequence[Sequence[Any]], *, max_length: int,
+              batch_size: int = 8) -> torch.Tensor:
+    """(L, E, H) rows of the ``data`` mode: per layer, the mean ``post_attention_layernorm`` output over the
+    real tokens of each expert's samples (:class:`moerge.data.samples.Sample`), centred over the experts."""
+    from moerge.data.samples import encode
+
+    layers = model.model.layers
+    device = next(model.parameters()).device
+    sums: list[torch.Tensor] = []
+    mask_now: list[torch.Tensor] = []
+
+    def hook(layer: int) -> Callable[..., None]:
+        def fn(module: Any, args: Any, out: torch.Tensor) -> None:  # out: (B, T, H)
+            m = mask_now[0].to(out.dtype).unsqueeze(-1)
+            sums[layer] += (out * m).sum(dim=(0, 1)).double().cpu()
+        return fn
+
+    handles = [layer.post_attention_layernorm.register_forward_hook(hook(k)) for k, layer in enumerate(layers)]
+    rows = []
+    try:
+        for samples in expert_samples:
+            sums[:] = [torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in layers]
+            tokens = 0
+            for start in range(0, len(samples), batch_size):
+                batch = encode(tokenizer, samples[start:start + batch_size], max_length, device)
+                mask_now[:] = [batch["attention_mask"]]
+                with torch.no_grad():
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                tokens += int(batch["attention_mask"].sum())
+            rows.append(torch.stack(sums) / max(tokens, 1))  # (L, H)
+    finally:
+        for h in handles:
+            h.remove()
+    w = torch.stack(rows, dim=1)  # (L, E, H)
+    return (w - w.mean(dim=1, keepdim=True)).float()
 
 
 def load_base_for_hidden(base: Path, dtype: str, device: str) -> Any:

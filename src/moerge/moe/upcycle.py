@@ -20,7 +20,7 @@ import torch
 from moerge.arch.moe_layouts import DENSE_MLP, LAYOUTS, MoeArchitecture, dense_mlp_name, probe, select_architecture
 from moerge.engine.items import InputRef, Piece, WorkItem
 from moerge.engine.plan import Plan, make_plan
-from moerge.errors import PlanError
+from moerge.errors import MoergeError, PlanError
 from moerge.io.checkpoint import open_source
 from moerge.recipe.loader import load_recipe
 from moerge.recipe.moe import PROMPT_MODES, Expert, LoadedMoeRecipe, MoeRecipe
@@ -91,6 +91,8 @@ def plan_upcycle(loaded: LoadedMoeRecipe, *, layout: str | None = None, allow_pi
     except ValueError as err:
         raise PlanError(f"{loaded.where('architecture')}: {err}") from None
     layout = layout or probe(arch).default_layout
+    if r.gate_mode == "data":
+        _check_data(loaded)
     plan = make_plan(load_recipe(_non_expert_recipe(loaded, dtype)), allow_pickle=allow_pickle,
                      allow_external_files=allow_external_files)
     try:
@@ -110,6 +112,27 @@ def plan_upcycle(loaded: LoadedMoeRecipe, *, layout: str | None = None, allow_pi
     except BaseException:
         plan.close()
         raise
+
+
+def _check_data(loaded: LoadedMoeRecipe) -> None:
+    """Every expert's data source exists: a JSONL file, or a task of the suite."""
+    from pathlib import Path
+
+    from moerge.data.tasks import get_task
+
+    r = loaded.recipe
+    for key, i, e in [("experts", i, e) for i, e in enumerate(r.experts)] + (
+            [("shared_experts", 0, r.shared)] if r.shared is not None else []):
+        src = str(e.data)
+        if src.endswith(".jsonl") or Path(src).exists():
+            if not Path(src).is_file():
+                raise PlanError(f"{loaded.where(key, i, 'data')}: {key}[{i}]'s data {src} is not a file")
+            continue
+        try:
+            get_task(src)
+        except MoergeError as err:
+            raise PlanError(f"{loaded.where(key, i, 'data')}: {key}[{i}]'s data {src!r} is neither a file nor a "
+                            f"task ({err.message})", hint=f"{err.hint}; or a JSONL file of prompt/target rows") from None
 
 
 def _configs_checked(loaded: LoadedMoeRecipe, allow_pickle: bool, allow_external_files: bool) -> dict[str, dict[str, Any]]:
@@ -173,7 +196,7 @@ class _Builder:
         if len({e.source_model for e in r.experts}) == 1 and len(r.experts) > 1:
             self.warnings.append("every expert is the same model: the MoE computes what that model computes, "
                                  "at more cost, until its experts are trained apart")
-        self.plan.items = sorted(items, key=_order)
+        self.plan.items = sorted(items, key=layer_order)
 
     def _check_mlp(self, e: Expert, where: tuple[str, int]) -> None:
         src = self.plan.checkpoints[self.index[e.source_model]]
@@ -248,7 +271,8 @@ class _Builder:
         return out
 
 
-def _order(item: WorkItem) -> tuple[int, str]:
+def layer_order(item: WorkItem) -> tuple[int, str]:
+    """Embeddings first, then the layers in order, then the rest (final norm, head)."""
     m = re.match(r"^model\.layers\.(\d+)\.", item.name)
     if m:
         return (1 + int(m.group(1)), item.name)
@@ -268,6 +292,15 @@ def compute_router(up: UpcyclePlan, device: str = "cpu") -> list[str]:
     layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
     if r.gate_mode in ("random", "uniform_random"):
         rows = ri.random_rows(r.gate_mode, layers, len(sets), hidden, r.seed)
+    elif r.gate_mode == "data":
+        from moerge.data.samples import load_samples
+
+        tokenizer = load_tokenizer(base)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = ri.load_base_for_hidden(base.root, r.forward_dtype, device)
+        samples = [load_samples(str(e.data), limit=r.data_examples) for e in sets]
+        rows = ri.data_rows(model, tokenizer, samples, max_length=r.max_length)
     else:
         tokenizer = load_tokenizer(base)
         if r.gate_mode == "cheap_embed":
@@ -276,7 +309,7 @@ def compute_router(up: UpcyclePlan, device: str = "cpu") -> list[str]:
                 raise PlanError(f"{r.base_model}: gate_mode cheap_embed reads {name}, which it does not have")
             summary = ri.cheap_embed_summary(base.read(name).reshape(base.info(name).shape), layers)
         else:
-            model = ri.load_base_for_hidden(base.root, r.router_dtype, device)
+            model = ri.load_base_for_hidden(base.root, r.forward_dtype, device)
             summary = ri.hidden_summary(model, r.gate_mode)
         rows = ri.prompt_rows(summary, tokenizer, [ri.PromptSet(e.positive_prompts or (), e.negative_prompts or ())
                                                    for e in sets])

@@ -6,7 +6,11 @@ mergekit-moe's keys (``base_model``, ``experts`` with ``source_model``, ``positi
 
 - ``non_experts: {method: linear, parameters: {...}}`` — BTX: attention, norms, embeddings and head
   are *merged* over the experts by any merge method instead of copied from ``base_model``;
-- ``router_dtype`` — the dtype of the base model's forward for the ``hidden`` gate (mergekit: bfloat16);
+- ``gate_mode: data`` with ``data:`` per expert (a task name or a JSONL of prompt/target rows) — each row
+  the mean of the state the router really sees (after ``post_attention_layernorm``) over the expert's own
+  examples (``data_examples`` of them, ``max_length`` tokens each);
+- ``router_dtype`` — the dtype of the base model's forward for the gate (default: bfloat16 for the
+  ``hidden`` modes, as mergekit; float32 for ``data``);
 - ``seed`` — for the random gate modes and ``noise_scale`` (mergekit draws from an unseeded generator);
 - ``norm_topk_prob`` — renormalise the top-k routing weights (mergekit: always on).
 """
@@ -23,7 +27,7 @@ from moerge.errors import RecipeError
 from moerge.recipe.loader import read_yaml_source, validation_message
 from moerge.recipe.schema import DTYPE_ALIASES, ParamValue
 
-GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "data")
 PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 
 
@@ -37,6 +41,7 @@ class Expert(_Strict):
     negative_prompts: list[str] | None = None
     noise_scale: float | None = Field(None, description="add N(0, noise_scale²) to the expert's MLP weights")
     residual_scale: float | None = Field(None, description="multiply the expert's down_proj by this")
+    data: str | None = Field(None, description="gate_mode data: the expert's examples (task name or JSONL)")
 
 
 class NonExperts(_Strict):
@@ -49,14 +54,17 @@ class MoeRecipe(_Strict):
 
     base_model: str
     experts: list[Expert] = Field(min_length=1)
-    gate_mode: Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"] = "hidden"
+    gate_mode: Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random",
+                       "data"] = "hidden"
     dtype: str | None = None
     experts_per_token: int = 2
     shared_experts: list[Expert] | None = None
     architecture: str | None = None
     # moerge's own keys
     non_experts: NonExperts | None = None
-    router_dtype: str = "bfloat16"
+    router_dtype: str | None = None
+    data_examples: int = Field(64, ge=1, description="gate_mode data: examples per expert")
+    max_length: int = Field(256, ge=8, description="gate_mode data: tokens per example (longer ones keep their end)")
     seed: int = 0
     norm_topk_prob: bool = True
     name: str | None = None
@@ -82,6 +90,11 @@ class MoeRecipe(_Strict):
         return self
 
     @property
+    def forward_dtype(self) -> str:
+        """The dtype of the base model's forward for the router rows."""
+        return self.router_dtype or ("float32" if self.gate_mode == "data" else "bfloat16")
+
+    @property
     def shared(self) -> Expert | None:
         return self.shared_experts[0] if self.shared_experts else None
 
@@ -102,8 +115,12 @@ class LoadedMoeRecipe:
     @property
     def format(self) -> str:
         """"mergekit" when the recipe uses only mergekit-moe's keys."""
-        own = ("non_experts", "router_dtype", "seed", "norm_topk_prob", "name")
-        return "moerge" if any(k in self.recipe.model_fields_set for k in own) else "mergekit"
+        own = ("non_experts", "router_dtype", "seed", "norm_topk_prob", "name", "data_examples", "max_length")
+        r = self.recipe
+        experts = r.experts + (r.shared_experts or [])
+        if r.gate_mode == "data" or any(e.data for e in experts):
+            return "moerge"
+        return "moerge" if any(k in r.model_fields_set for k in own) else "mergekit"
 
     def where(self, *path: Any) -> str:
         p = tuple(path)
@@ -153,6 +170,14 @@ def load_moe_recipe(source: str | os.PathLike[str] | dict[str, Any] | MoeRecipe)
 def _check_prompts(loaded: LoadedMoeRecipe) -> None:
     """The prompt modes need every expert's positive prompts, and prompts that differ between experts."""
     r = loaded.recipe
+    if r.gate_mode == "data":
+        for key, i, e in [("experts", i, e) for i, e in enumerate(r.experts)] + (
+                [("shared_experts", 0, r.shared)] if r.shared is not None else []):
+            if not e.data:
+                raise RecipeError(f"{loaded.where(key, i)}: {key}[{i}] ({e.source_model}) has no data; gate_mode "
+                                  "data builds each router row from the expert's own examples",
+                                  hint="give each expert data: TASK or data: FILE.jsonl (prompt/target rows)")
+        return
     if r.gate_mode not in PROMPT_MODES:
         return
     sets = [("experts", i, e) for i, e in enumerate(r.experts)]
