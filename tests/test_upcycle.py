@@ -430,3 +430,102 @@ def test_average_linkage_against_hand_computed_clusters():
     assert average_linkage(pts, 2) == [[0, 1, 2, 3], [4]]
     assert member_weights([0, 2], torch.tensor([0.3, 0.5, 0.1]), "frequency") == pytest.approx([0.75, 0.25])
     assert member_weights([1], torch.tensor([0.0, 0.0]), "frequency") == [1.0]
+
+
+def test_router_training_changes_only_the_routers_and_resumes(with_tokenizer, tmp_path, monkeypatch):
+    w = with_tokenizer
+    rec = {"base_model": str(w["base"]), "gate_mode": "random", "seed": 1, "experts_per_token": 1,
+           "experts": [{"source_model": str(w["base"])}, {"source_model": str(w["e2"])}]}
+    moerge.upcycle(rec, tmp_path / "moe", layout="fused")
+    kw = dict(data=[str(w["data"])], steps=6, batch_size=4, lr=0.05, examples=16, seed=0)
+    res = moerge.train_moe_router(tmp_path / "moe", tmp_path / "full", **kw)
+    before, after = _tensors(tmp_path / "moe"), _tensors(tmp_path / "full")
+    assert sorted(before) == sorted(after)
+    for n in before:
+        changed = not torch.equal(before[n], after[n])
+        assert changed == n.endswith("mlp.gate.weight"), n  # only the router rows move
+    curve = res.notes["curve"]
+    assert len(curve) == 6 and all(c["balance"] > 0 for c in curve)
+    assert (tmp_path / "full" / "router_loss.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "full" / "moerge_router_training.json").read_text())["curve"] == curve
+    # interrupted after step 4 (the state saved every 2 steps), then rerun: the same rows as one run
+    import moerge.moe.train_router as tr
+
+    kw["save_every"] = 2
+    real = tr._save_state
+
+    def stop_after_4(*args, **kwargs):
+        real(*args, **kwargs)
+        if args[4] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "_save_state", stop_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        moerge.train_moe_router(tmp_path / "moe", tmp_path / "resumed", **kw)
+    assert not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(tr, "_save_state", real)
+    res2 = moerge.train_moe_router(tmp_path / "moe", tmp_path / "resumed", **kw)
+    assert [c["loss"] for c in res2.notes["curve"]] == pytest.approx([c["loss"] for c in curve], rel=1e-5)
+    again = _tensors(tmp_path / "resumed")
+    for n in after:
+        torch.testing.assert_close(again[n], after[n], rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / ".resumed.router-training").exists()  # the state goes once the model is published
+
+
+def test_upcycle_with_router_training_publishes_only_the_trained_model(with_tokenizer, tmp_path):
+    w = with_tokenizer
+    rec = {"base_model": str(w["base"]), "gate_mode": "data", "data_examples": 8, "experts_per_token": 1,
+           "experts": [{"source_model": str(w["base"]), "data": str(w["data"])},
+                       {"source_model": str(w["e2"]), "data": str(w["data"])}]}
+    res = moerge.upcycle(rec, tmp_path / "moe", layout="fused", train_router=2)
+    assert res.summary["router_steps"] == 2 and len(res.notes["curve"]) == 2
+    assert (tmp_path / "moe" / "moerge_router_training.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]  # no staging folder left
+    del rec["experts"][1]["data"]
+    rec["gate_mode"] = "random"
+    with pytest.raises(MoergeError, match="no data"):
+        moerge.upcycle(rec, tmp_path / "moe2", train_router=2)
+
+
+def test_mc_smoe_and_naee_against_hand_known_answers(with_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moerge.moe.shrink import calibrate, dominant_groups, routed_output
+    from moerge.moe.view import open_moe
+
+    w = with_tokenizer
+    pa, pb = ["shares fell"], ["the striker scored"]
+    rec = {"base_model": str(w["base"]), "gate_mode": "cheap_embed", "experts_per_token": 1,
+           "experts": [{"source_model": str(w["base"]), "positive_prompts": pa},
+                       {"source_model": str(w["e2"]), "positive_prompts": pb},
+                       {"source_model": str(w["base"]), "positive_prompts": pa}]}
+    moerge.upcycle(rec, tmp_path / "moe", layout="fused")
+    ids = torch.randint(3, 280, (2, 8), generator=torch.Generator().manual_seed(5))
+    # expert 2 duplicates expert 0 and its router row, so top-1 never picks it (ties go to the lower index)
+    for method, want in (("mc-smoe", [[0, 2], [1]]), ("naee", [[0], [1]])):
+        res = moerge.shrink_moe(tmp_path / "moe", tmp_path / method, experts=2, method=method,
+                                data=str(w["data"]), examples=16)
+        assert [g["groups"] for g in res.notes["groups"]] == [want, want], method
+        torch.testing.assert_close(_logits(tmp_path / method, ids), _logits(tmp_path / "moe", ids),
+                                   rtol=0, atol=1e-5)
+    # MC-SMoE's similarity on a hand-made Gram: columns 0 and 2 parallel, 1 orthogonal
+    gram = torch.tensor([[4.0, 0.0, 2.0], [0.0, 1.0, 0.0], [2.0, 0.0, 1.0]], dtype=torch.float64)
+    assert dominant_groups(gram, [1, 0]) == [[0, 2], [1]]
+    # the routed output moerge computes is the block output transformers computes (Mixtral has no shared part)
+    with open_moe(tmp_path / "moe") as view:
+        from moerge.data.samples import load_samples
+
+        calib = calibrate(tmp_path / "moe", view, load_samples(str(w["data"]), limit=4), max_length=64,
+                          device="cpu", keep_inputs=True)
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe")).eval()
+        x = calib.inputs[1][0]
+        from transformers.activations import ACT2FN
+
+        from moerge.moe.shrink import _expert_out
+
+        outs = torch.stack([_expert_out(x, view.expert(1, e), ACT2FN["silu"]) for e in range(3)])
+        with torch.no_grad():
+            hf = model.model.layers[1].mlp(x[None])[0]
+            hf = hf[0] if isinstance(hf, tuple) else hf
+        torch.testing.assert_close(routed_output(x, outs, view.router(1), 1, True), hf.reshape(x.shape),
+                                   rtol=1e-4, atol=1e-5)

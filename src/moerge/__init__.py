@@ -10,12 +10,13 @@ from typing import Any
 
 from moerge.version import __version__
 
-__all__ = ["__version__", "derive_routed", "diff", "inspect", "load_recipe", "load_routed", "lorahub", "merge", "methods", "inspect_moe", "route", "shrink_moe", "upcycle"]
+__all__ = ["__version__", "derive_routed", "diff", "inspect", "load_recipe", "load_routed", "lorahub", "merge", "methods", "inspect_moe", "route", "shrink_moe", "train_moe_router", "upcycle"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("merge", "inspect", "diff", "methods", "route", "load_routed", "lorahub", "derive_routed",
-                "upcycle", "inspect_moe", "shrink_moe"):
+                "upcycle", "inspect_moe", "shrink_moe",
+                "train_moe_router"):
         from moerge import api
 
         return getattr(api, name)

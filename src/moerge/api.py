@@ -99,6 +99,7 @@ def upcycle(
     allow_nonfinite: bool = False,
     dry_run: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    train_router: int | None = None,
 ) -> MergeResult:
     """Upcycle the dense experts of ``recipe`` (mergekit-moe's YAML, or moerge's with ``non_experts``
     for BTX) into one mixture-of-experts model at ``out_dir``, loadable by ``transformers``.
@@ -107,12 +108,19 @@ def upcycle(
     expert matrix); default: what the installed transformers writes. The router rows are computed
     (the ``hidden`` modes run the dense base on ``device``) after every check passed and before the
     first tensor is written; the output appears atomically. With ``dry_run`` nothing runs or is written.
+    With ``train_router`` (steps), the router rows are then trained on the union of the experts' ``data:``
+    (:func:`train_moe_router`), and only the trained model is published at ``out_dir``.
     """
     from moerge.moe.upcycle import compute_router, plan_upcycle
     from moerge.recipe.moe import load_moe_recipe
 
     t0 = time.perf_counter()
     loaded = load_moe_recipe(recipe)
+    if train_router is not None:
+        return _upcycle_then_train(loaded, Path(out_dir), train_router, layout=layout, force=force,
+                                   shard_size=shard_size, device=device, allow_pickle=allow_pickle,
+                                   allow_external_files=allow_external_files, allow_nonfinite=allow_nonfinite,
+                                   dry_run=dry_run, progress=progress)
     up = plan_upcycle(loaded, layout=layout, allow_pickle=allow_pickle, allow_external_files=allow_external_files)
     try:
         final = Path(out_dir)
@@ -128,6 +136,30 @@ def upcycle(
         up.close()
     summary = up.summary() | {"bytes_read": stats.bytes_read}
     return MergeResult(path, summary, time.perf_counter() - t0, stats.notes, up.warnings)
+
+
+def _upcycle_then_train(loaded: Any, final: Path, steps: int, *, dry_run: bool, force: bool,
+                        **kw: Any) -> MergeResult:
+    """Upcycle into a staging folder beside ``final``, train its routers into ``final``, remove the staging."""
+    r = loaded.recipe
+    data = [e.data for e in r.experts]
+    if any(d is None for d in data):
+        missing = [i for i, d in enumerate(data) if d is None]
+        raise MoergeError(f"{loaded.source}: --train-router trains on the experts' data, and experts {missing} "
+                          "have no data:", hint="give each expert data: TASK or data: FILE.jsonl")
+    if final.exists() and not force:
+        raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
+    if dry_run:
+        return upcycle(loaded.recipe, final, dry_run=True, force=force, **kw)
+    staging = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-untrained"
+    try:
+        first = upcycle(loaded.recipe if not loaded.text else loaded.text, staging, force=True, **kw)
+        trained = train_moe_router(staging, final, data=[str(d) for d in data], steps=steps, seed=r.seed,
+                                   force=force, device=kw.get("device") or "cpu")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return MergeResult(trained.output, first.summary | {"router_steps": steps}, first.seconds + trained.seconds,
+                       trained.notes, first.warnings)
 
 
 def inspect_moe(model: str | os.PathLike[str], *, data: str | None = None, examples: int = 32,
@@ -179,8 +211,8 @@ def shrink_moe(
         if dry_run:
             return MergeResult(None, sp.summary(), time.perf_counter() - t0)
         calib = calibrate(Path(model), sp.view, samples, max_length=max_length, device=device,
-                          outputs=method == "hc-smoe")
-        groups = [groups_for(method, calib, layer, experts) for layer in range(sp.view.layers)]
+                          outputs=method == "hc-smoe", keep_inputs=method == "naee")
+        groups = [groups_for(method, calib, layer, experts, sp.view) for layer in range(sp.view.layers)]
         weights = [[member_weights(g, calib.frequency[layer], merge) for g in groups[layer]]
                    for layer in range(sp.view.layers)]
         plan_experts(sp, groups, weights, router, calib.frequency)
@@ -194,12 +226,60 @@ def shrink_moe(
     return MergeResult(path, sp.summary(), time.perf_counter() - t0, {"groups": report["layers"]})
 
 
-def _write_shrink(sp: Any, out: Path, report: dict[str, Any], *, force: bool) -> Path:
-    import json
+def train_moe_router(
+    model: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    data: list[str],
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    aux_coef: float = 0.01,
+    examples: int = 256,
+    seed: int = 0,
+    save_every: int = 10,
+    force: bool = False,
+    device: str = "cpu",
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> MergeResult:
+    """Train only the router rows of the MoE at ``model`` on the union of ``data`` (tasks or JSONL files of
+    prompt/target rows) and write the model with its new rows to ``out_dir`` (everything else byte for byte,
+    the loss curve beside it). Interrupted, a rerun with the same arguments resumes (see
+    :mod:`moerge.moe.train_router`)."""
+    from moerge.data.samples import load_samples
+    from moerge.moe.shrink import plan_shrink_copy
+    from moerge.moe.train_router import RouterTraining, train_saved_moe
 
+    t0 = time.perf_counter()
+    if not data:
+        raise MoergeError("router training needs data", hint="pass --data TASK or --data FILE.jsonl (one per expert)")
+    settings = RouterTraining(steps=steps, lr=lr, batch_size=batch_size, aux_coef=aux_coef, examples=examples,
+                              seed=seed, save_every=save_every)
+    samples = [s for d in data for s in load_samples(d, limit=examples)]
+    final = Path(out_dir)
+    sp = plan_shrink_copy(model)
+    try:
+        check_not_an_input(final, [f for c in sp.plan.checkpoints for f in c.files])
+        if final.exists() and not force:
+            raise MoergeError(f"{final} already exists", hint="pass --force to replace it")
+        state = final.parent / f".{final.name}.router-training"
+        rows, curve = train_saved_moe(Path(model), samples, list(data), settings, state, device, progress)
+        sp.add_routers(rows)
+        report = {"settings": {**settings.__dict__}, "data": list(data), "samples": len(samples), "curve": curve}
+        path = _write_trained(sp, final, report, force=force)
+        shutil.rmtree(state, ignore_errors=True)  # the state goes once the trained model is published
+    finally:
+        sp.close()
+    return MergeResult(path, sp.summary() | {"steps": steps, "final_loss": curve[-1]["loss"] if curve else None},
+                       time.perf_counter() - t0, {"curve": curve})
+
+
+def _publish_moe(sp: Any, out: Path, *, force: bool, side: tuple[str, ...], extra: Callable[[Any], None]) -> Path:
+    """Stream an MoE plan (a shrink or a router training: the input copied but for what the plan changes)
+    into ``out`` with the input's tokenizer and the ``side`` files, then ``extra(writer)``; publish it."""
     from moerge.engine.execute import execute
     from moerge.engine.plan import check_disk_space
-    from moerge.io.sidefiles import CONFIG_SIDE_FILES, shrink_card, tokenizer_files
+    from moerge.io.sidefiles import tokenizer_files
 
     plan = sp.plan
     src = plan.checkpoints[0]
@@ -208,17 +288,45 @@ def _write_shrink(sp: Any, out: Path, report: dict[str, Any], *, force: bool) ->
                      metadata={"format": "pt", "moerge_version": __version__}) as writer:
         check_disk_space(plan, out)
         execute(plan, writer, device="cpu")
-        writer.write_text("config.json", json.dumps(sp.config, indent=2) + "\n")
-        for name in CONFIG_SIDE_FILES:
-            if (side := src.side_file(name)) is not None:
-                writer.copy_file(Path(os.path.realpath(side)), side.name)
+        for name in side:
+            if (f := src.side_file(name)) is not None:
+                writer.copy_file(Path(os.path.realpath(f)), f.name)
         for f in tokenizer_files(src):
             writer.copy_file(Path(os.path.realpath(f)), f.name)
-        writer.write_text("moerge_shrink.json", json.dumps(report, indent=1) + "\n")
-        writer.write_text("README.md", shrink_card(source=src.ref, summary=sp.summary(), report=report,
-                                                   version=__version__))
+        extra(writer)
         return writer.commit(last_check=plan.check_unchanged)
 
+
+def _write_trained(sp: Any, out: Path, report: dict[str, Any], *, force: bool) -> Path:
+    import json
+    import tempfile
+
+    from moerge.io.sidefiles import CONFIG_SIDE_FILES
+    from moerge.moe.train_router import loss_plot
+
+    def extra(writer: Any) -> None:
+        writer.write_text("moerge_router_training.json", json.dumps(report, indent=1) + "\n")
+        if report["curve"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                loss_plot(report["curve"], Path(tmp) / "router_loss.png")
+                writer.copy_file(Path(tmp) / "router_loss.png", "router_loss.png")
+
+    side = ("config.json", *CONFIG_SIDE_FILES, "moerge_upcycle.yaml", "moerge_shrink.json", "README.md")
+    return _publish_moe(sp, out, force=force, side=side, extra=extra)
+
+
+def _write_shrink(sp: Any, out: Path, report: dict[str, Any], *, force: bool) -> Path:
+    import json
+
+    from moerge.io.sidefiles import CONFIG_SIDE_FILES, shrink_card
+
+    def extra(writer: Any) -> None:
+        writer.write_text("config.json", json.dumps(sp.config, indent=2) + "\n")
+        writer.write_text("moerge_shrink.json", json.dumps(report, indent=1) + "\n")
+        writer.write_text("README.md", shrink_card(source=sp.plan.checkpoints[0].ref, summary=sp.summary(),
+                                                   report=report, version=__version__))
+
+    return _publish_moe(sp, out, force=force, side=CONFIG_SIDE_FILES, extra=extra)
 
 def _write_upcycle(up: Any, out: Path, *, size: int, force: bool, device: str | None, allow_nonfinite: bool,
                    progress: Callable[[str, int, int], None] | None) -> tuple[Path, Any]:

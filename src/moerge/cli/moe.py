@@ -21,11 +21,13 @@ from moerge.cli._common import EXTERNAL_HELP, ProgressBar, run_offline
 @click.option("--allow-external-files", is_flag=True, help=EXTERNAL_HELP)
 @click.option("--allow-nonfinite", is_flag=True, help="Upcycle even if an input holds NaN or Inf.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe against its models and plan; run and write nothing.")
+@click.option("--train-router", "train_steps", type=int, default=None, metavar="STEPS",
+              help="Then train only the router rows for STEPS steps on the experts' data: (see moe train-router).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def upcycle(ctx: click.Context, recipe: str, out_dir: str, layout: str | None, force: bool, shard_size: str,
             device: str, allow_pickle: bool, allow_external_files: bool, allow_nonfinite: bool, dry_run: bool,
-            quiet: bool) -> None:
+            train_steps: int | None, quiet: bool) -> None:
     """Upcycle the dense experts of RECIPE into one mixture-of-experts model in OUT_DIR.
 
     \b
@@ -54,7 +56,7 @@ def upcycle(ctx: click.Context, recipe: str, out_dir: str, layout: str | None, f
             bar.update("upcycling", 0, None)
             res = do_upcycle(recipe, out_dir, layout=layout, force=force, shard_size=shard_size, device=device,
                              allow_pickle=allow_pickle, allow_external_files=allow_external_files,
-                             allow_nonfinite=allow_nonfinite, dry_run=dry_run,
+                             allow_nonfinite=allow_nonfinite, dry_run=dry_run, train_router=train_steps,
                              progress=lambda name, done, total: bar.update("upcycling", done, total, name[-48:]))
         for w in res.warnings:
             click.echo(f"warning: {w}", err=True)
@@ -67,6 +69,9 @@ def upcycle(ctx: click.Context, recipe: str, out_dir: str, layout: str | None, f
                    f"{s['tensors']} tensors, {s['parameters'] / 1e6:.1f}M parameters, "
                    f"{s['input_bytes'] / 1e9:.2f} GB in, {s['output_bytes'] / 1e9:.2f} GB out"
                    + ("" if dry_run else f", {res.seconds:.1f} s"))
+        curve = res.notes.get("curve")
+        if curve:
+            click.echo(f"trained the routers for {len(curve)} steps: loss {curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}")
         if res.output is not None:
             click.echo(f"wrote {res.output}")
 
@@ -128,8 +133,10 @@ def inspect_cmd(ctx: click.Context, model: str, data: str | None, examples: int,
 @click.argument("model", type=click.Path(file_okay=False, exists=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--experts", "k", type=int, required=True, help="Experts per layer to keep (K).")
-@click.option("--method", type=click.Choice(["hc-smoe", "frequency"]), default="hc-smoe", show_default=True,
-              help="hc-smoe: cluster experts by mean output, merge each cluster; frequency: keep the most used.")
+@click.option("--method", type=click.Choice(["hc-smoe", "mc-smoe", "naee", "frequency"]), default="hc-smoe",
+              show_default=True, help="hc-smoe: cluster experts by mean output, merge each cluster; mc-smoe: group "
+              "around the most used by router-logit similarity, merge; naee: keep the subset whose output is "
+              "closest; frequency: keep the most used.")
 @click.option("--data", required=True, help="Calibration data: a task name or a JSONL of prompt/target rows.")
 @click.option("--examples", default=64, show_default=True)
 @click.option("--merge", type=click.Choice(["frequency", "average"]), default="frequency", show_default=True,
@@ -167,6 +174,53 @@ def shrink_cmd(ctx: click.Context, model: str, out_dir: str, k: int, method: str
             click.echo(f"  layer {layer}: " + " · ".join("+".join(map(str, m)) for m in g["groups"]))
         if res.output is not None:
             click.echo(f"wrote {res.output}")
+
+    run_offline(ctx, body)
+
+
+@moe.command("train-router")
+@click.argument("model", type=click.Path(file_okay=False, exists=True))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--data", multiple=True, required=True,
+              help="Training data (repeat: one per expert): a task name or a JSONL of prompt/target rows.")
+@click.option("--steps", default=100, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--aux-coef", default=0.01, show_default=True, help="Weight of the load-balancing loss (BTX: 0.01).")
+@click.option("--examples", default=256, show_default=True, help="Examples per data source.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_context
+def train_router_cmd(ctx: click.Context, model: str, out_dir: str, data: tuple[str, ...], steps: int, lr: float,
+                     batch_size: int, aux_coef: float, examples: int, seed: int, device: str, force: bool,
+                     quiet: bool) -> None:
+    """Train only MODEL's router rows on DATA; write the result to OUT_DIR.
+
+    \b
+    Every other parameter stays frozen and is written byte for byte; the loss
+    (target cross-entropy + aux-coef × load balancing, as transformers computes it)
+    goes to OUT_DIR/moerge_router_training.json and router_loss.png. Interrupt at
+    any time: rerunning the same command resumes from the last saved step.
+      moerge moe train-router ./moe ./moe-trained --data bbc --data tweets --steps 200
+    """
+
+    def body() -> None:
+        from moerge.api import train_moe_router
+
+        with ProgressBar(quiet, transient=True) as bar:
+            res = train_moe_router(model, out_dir, data=list(data), steps=steps, lr=lr, batch_size=batch_size,
+                                   aux_coef=aux_coef, examples=examples, seed=seed, force=force, device=device,
+                                   progress=lambda k, n, c: bar.update("router", k, n, f"loss {c['loss']:.3f}"))
+        if quiet:
+            return
+        curve = res.notes["curve"]
+        if curve:
+            click.echo(f"trained the routers for {len(curve)} steps: loss {curve[0]['loss']:.3f} → "
+                       f"{curve[-1]['loss']:.3f} (load balancing {curve[0]['balance']:.3f} → {curve[-1]['balance']:.3f}), "
+                       f"{res.seconds:.1f} s")
+        click.echo(f"wrote {res.output}")
 
     run_offline(ctx, body)
 

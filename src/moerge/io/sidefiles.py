@@ -119,7 +119,11 @@ def shrink_card(*, source: str, summary: dict[str, Any], report: dict[str, Any],
     """The model card of a shrunk MoE: where it came from, how its experts were merged or dropped."""
     how = {"frequency": "kept the most used experts of each layer (frequency pruning)",
            "hc-smoe": "clustered each layer's experts by their mean output over the calibration tokens (average "
-                      "linkage) and merged each cluster (HC-SMoE, Chen et al. 2025, arXiv:2410.08589)"}[report["method"]]
+                      "linkage) and merged each cluster (HC-SMoE, Chen et al. 2025, arXiv:2410.08589)",
+           "mc-smoe": "grouped each layer's experts around its most used ones by router-logit similarity and merged "
+                      "each group (MC-SMoE, Li et al. 2024, arXiv:2310.01334)",
+           "naee": "kept the subset of each layer's experts whose routed output on the calibration tokens is "
+                   "closest to all experts' (NAEE, Lu et al. 2024, arXiv:2402.14800)"}[report["method"]]
     front = ["---", "library_name: transformers", "tags:", "- moerge", "- moe", f"- {report['method']}",
              "base_model:", f"- {json.dumps(source)}", "---", ""]
     lines = [f"# {summary['architecture']} shrunk from {report['experts_in']} to {report['experts_out']} experts",
