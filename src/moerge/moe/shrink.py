@@ -27,7 +27,7 @@ experts and keeps every router row. Everything that is not an expert or a router
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,15 @@ def calibrate(path: Path, view: MoeView, samples: list[Any], *, max_length: int,
     grams = [torch.zeros(E, E, dtype=torch.float64) for _ in range(L)]
     sums = [torch.zeros(E, view.hidden, dtype=torch.float64) for _ in range(L)] if outputs else None
     kept: list[list[torch.Tensor]] | None = [[] for _ in range(L)] if keep_inputs else None
+    cached: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    def experts(layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The layer's expert matrices, read from the checkpoint once (not once per batch)."""
+        if layer not in cached:
+            cached[layer] = [tuple(w.float().to(device) for w in view.expert(layer, e))  # type: ignore[misc]
+                             for e in range(E)]
+        return cached[layer]
+
     inputs: dict[int, torch.Tensor] = {}
     hooks = [model.model.layers[k].mlp.register_forward_pre_hook(
         lambda mod, args, k=k: inputs.__setitem__(k, args[0])) for k in range(L)] if outputs or keep_inputs else []
@@ -107,9 +116,8 @@ def calibrate(path: Path, view: MoeView, samples: list[Any], *, max_length: int,
                         if kept is not None:
                             kept[k].append(x.cpu())
                         if sums is not None:
-                            for e in range(E):
-                                mats = tuple(w.float().to(device) for w in view.expert(k, e))
-                                sums[k][e] += _expert_out(x, mats, act).sum(0).double().cpu()  # type: ignore[arg-type]
+                            for e, mats in enumerate(experts(k)):
+                                sums[k][e] += _expert_out(x, mats, act).sum(0).double().cpu()
             tokens += int(keep.sum())
     finally:
         for h in hooks:
@@ -237,8 +245,6 @@ class ShrinkPlan:
     k: int
     layout: str
     config: dict[str, Any]
-    groups: list[list[list[int]]] = field(default_factory=list)  # per layer, per output expert: members
-    weights: list[list[list[float]]] = field(default_factory=list)
 
     def close(self) -> None:
         self.plan.close()
@@ -319,7 +325,6 @@ def plan_experts(sp: ShrinkPlan, groups: list[list[list[int]]], weights: list[li
                  router: str, freq: list[torch.Tensor]) -> None:
     """Add the K merged experts and the K router rows of every layer to the plan."""
     v, i, h = sp.view, sp.view.width, sp.view.hidden
-    sp.groups, sp.weights = groups, weights
     items = list(sp.plan.items)
     dtype = v.source.info(v.arch.router(0, v.layout)).dtype
     for layer in range(v.layers):

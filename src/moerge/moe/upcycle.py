@@ -38,7 +38,6 @@ class UpcyclePlan:
     layout: str
     config: dict[str, Any]
     index: dict[str, int]  # model reference → checkpoint index
-    dtype: str
     router_items: list[WorkItem]  # (L) routers, then (L) shared-expert gates; values filled by compute_router
     warnings: list[str] = field(default_factory=list)
 
@@ -108,7 +107,7 @@ def plan_upcycle(loaded: LoadedMoeRecipe, *, layout: str | None = None, allow_pi
                           norm_topk_prob=r.norm_topk_prob)
         cfg["dtype"] = dtype
         _ = plan.input_bytes
-        return UpcyclePlan(loaded, plan, arch, layout, cfg, index, dtype, builder.routers, builder.warnings)
+        return UpcyclePlan(loaded, plan, arch, layout, cfg, index, builder.routers, builder.warnings)
     except BaseException:
         plan.close()
         raise
@@ -121,8 +120,7 @@ def _check_data(loaded: LoadedMoeRecipe) -> None:
     from moerge.data.tasks import get_task
 
     r = loaded.recipe
-    for key, i, e in [("experts", i, e) for i, e in enumerate(r.experts)] + (
-            [("shared_experts", 0, r.shared)] if r.shared is not None else []):
+    for key, i, e in r.entries():
         src = str(e.data)
         if src.endswith(".jsonl") or Path(src).exists():
             if not Path(src).is_file():
@@ -213,10 +211,12 @@ class _Builder:
                     raise PlanError(f"{e.source_model}: {name} has shape {list(got)}, expected {list(shape)} "
                                     f"(intermediate {self.width}, hidden {self.hidden})")
 
-    def _piece(self, e: Expert, layer: int, part: str) -> Piece:
+    def _piece(self, e: Expert, layer: int, part: str, fused: bool = True) -> Piece:
+        """Expert ``e``'s dense ``part`` of ``layer``, with its residual scale and noise; transposed when it
+        goes into fused tensors stored [E, H, 2I]."""
         scale = e.residual_scale if part == "down_proj" and e.residual_scale is not None else 1.0
         return Piece(InputRef(self.index[e.source_model], dense_mlp_name(layer, part)), scale=scale,
-                     noise=e.noise_scale or 0.0, transpose=self.transposed and self.layout == "fused")
+                     noise=e.noise_scale or 0.0, transpose=fused and self.transposed and self.layout == "fused")
 
     def _stack(self, name: str, groups: list[list[Piece]], shape: tuple[int, ...], stacked: bool) -> WorkItem:
         cat_dim = 1 if self.transposed and self.layout == "fused" else 0
@@ -246,10 +246,8 @@ class _Builder:
         e = self.loaded.recipe.shared
         assert e is not None
         h, w = self.hidden, self.width
-        return [self._stack(name, [[Piece(InputRef(self.index[e.source_model], dense_mlp_name(layer, part)),
-                                          scale=e.residual_scale if part == "down_proj" and e.residual_scale
-                                          is not None else 1.0, noise=e.noise_scale or 0.0)]],
-                            (h, w) if part == "down_proj" else (w, h), False)
+        return [self._stack(name, [[self._piece(e, layer, part, fused=False)]], (h, w) if part == "down_proj" else (w, h),
+                            False)
                 for name, part in zip(self.arch.shared(layer), DENSE_MLP)]
 
     def _computed(self, name: str, shape: tuple[int, ...], value: torch.Tensor | None = None) -> WorkItem:
@@ -286,7 +284,7 @@ def compute_router(up: UpcyclePlan, device: str = "cpu") -> list[str]:
     from moerge.moe import router_init as ri
 
     r = up.recipe
-    sets = list(r.experts) + ([r.shared] if r.shared is not None else [])
+    sets = [e for _, _, e in r.entries()]
     base = up.plan.checkpoints[up.index[r.base_model]]
     cfg = base.config or {}
     layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])

@@ -32,31 +32,39 @@ class LoadedRecipe:
 
     def where(self, *path: Any) -> str:
         """'file:line' of the deepest known prefix of ``path``."""
-        p = tuple(path)
-        while p and p not in self.lines:
-            p = p[:-1]
-        line = self.lines.get(p)
-        return f"{self.source}:{line}" if line else self.source
+        return where_in(self.source, self.lines, path)
 
 
-def _fields_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[str]]:
-    model: type[BaseModel] | None = Recipe
-    children = {
-        (Recipe, "models"): ModelEntry,
-        (Recipe, "slices"): Slice,
-        (Slice, "sources"): SliceSource,
-        (Recipe, "tokenizer"): TokenizerSpec,
-    }
+def where_in(source: str, lines: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> str:
+    """'file:line' of the deepest prefix of ``path`` whose line is known (the file alone when none is)."""
+    p = tuple(path)
+    while p and p not in lines:
+        p = p[:-1]
+    line = lines.get(p)
+    return f"{source}:{line}" if line else source
+
+
+_CHILDREN: dict[tuple[type[BaseModel], str], type[BaseModel]] = {
+    (Recipe, "models"): ModelEntry, (Recipe, "slices"): Slice, (Slice, "sources"): SliceSource,
+    (Recipe, "tokenizer"): TokenizerSpec,
+}
+
+
+def fields_at(root: type[BaseModel], children: dict[tuple[type[BaseModel], str], type[BaseModel]],
+              loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The schema model at ``loc`` below ``root`` (list indices skipped) and the keys it allows."""
+    model: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
         model = children.get((model, part))
     if model is None:
         return None, []
-    names = []
-    for name, f in model.model_fields.items():
-        names.append(f.alias or name)
-    return model, names
+    return model, [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _fields_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[str]]:
+    return fields_at(Recipe, _CHILDREN, loc)
 
 
 def _loc_for_lines(loc: tuple[Any, ...], fmt: str) -> tuple[Any, ...]:
@@ -107,11 +115,7 @@ def validation_message(e: ValidationError, lines: dict[tuple[Any, ...], int], na
     for err in e.errors():
         loc = tuple(err["loc"])
         where_loc = to_text(loc)
-        p = where_loc
-        while p and p not in lines:
-            p = p[:-1]
-        line = lines.get(p)
-        prefix = f"{name}:{line}" if line else name
+        prefix = where_in(name, lines, where_loc)
         dotted = _dotted(where_loc)
         if err["type"] == "extra_forbidden":
             _, allowed = fields_at(loc[:-1])

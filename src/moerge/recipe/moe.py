@@ -24,10 +24,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moerge.errors import RecipeError
-from moerge.recipe.loader import read_yaml_source, validation_message
-from moerge.recipe.schema import DTYPE_ALIASES, ParamValue
+from moerge.recipe.loader import fields_at, read_yaml_source, validation_message, where_in
+from moerge.recipe.schema import ParamValue, canonical_dtype
 
-GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "data")
 PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 
 
@@ -72,11 +71,7 @@ class MoeRecipe(_Strict):
     @field_validator("dtype", "router_dtype")
     @classmethod
     def _dtype(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if value not in DTYPE_ALIASES:
-            raise ValueError(f"unknown dtype {value!r}; use float32, float16 or bfloat16")
-        return DTYPE_ALIASES[value]
+        return canonical_dtype(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> MoeRecipe:
@@ -97,6 +92,11 @@ class MoeRecipe(_Strict):
     @property
     def shared(self) -> Expert | None:
         return self.shared_experts[0] if self.shared_experts else None
+
+    def entries(self) -> list[tuple[str, int, Expert]]:
+        """(recipe key, index, expert) of every routed expert, then the shared one."""
+        out = [("experts", i, e) for i, e in enumerate(self.experts)]
+        return out + ([("shared_experts", 0, self.shared)] if self.shared is not None else [])
 
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first."""
@@ -123,11 +123,8 @@ class LoadedMoeRecipe:
         return "moerge" if any(k in r.model_fields_set for k in own) else "mergekit"
 
     def where(self, *path: Any) -> str:
-        p = tuple(path)
-        while p and p not in self.lines:
-            p = p[:-1]
-        line = self.lines.get(p)
-        return f"{self.source}:{line}" if line else self.source
+        """'file:line' of the deepest known prefix of ``path``."""
+        return where_in(self.source, self.lines, path)
 
 
 _CHILDREN: dict[tuple[type[BaseModel], str], type[BaseModel]] = {
@@ -136,12 +133,7 @@ _CHILDREN: dict[tuple[type[BaseModel], str], type[BaseModel]] = {
 
 
 def _fields_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[str]]:
-    model: type[BaseModel] | None = MoeRecipe
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        model = _CHILDREN.get((model, part))
-    return (model, list(model.model_fields)) if model is not None else (None, [])
+    return fields_at(MoeRecipe, _CHILDREN, loc)
 
 
 def load_moe_recipe(source: str | os.PathLike[str] | dict[str, Any] | MoeRecipe) -> LoadedMoeRecipe:
@@ -171,8 +163,7 @@ def _check_prompts(loaded: LoadedMoeRecipe) -> None:
     """The prompt modes need every expert's positive prompts, and prompts that differ between experts."""
     r = loaded.recipe
     if r.gate_mode == "data":
-        for key, i, e in [("experts", i, e) for i, e in enumerate(r.experts)] + (
-                [("shared_experts", 0, r.shared)] if r.shared is not None else []):
+        for key, i, e in r.entries():
             if not e.data:
                 raise RecipeError(f"{loaded.where(key, i)}: {key}[{i}] ({e.source_model}) has no data; gate_mode "
                                   "data builds each router row from the expert's own examples",
@@ -180,9 +171,7 @@ def _check_prompts(loaded: LoadedMoeRecipe) -> None:
         return
     if r.gate_mode not in PROMPT_MODES:
         return
-    sets = [("experts", i, e) for i, e in enumerate(r.experts)]
-    sets += [("shared_experts", 0, r.shared)] if r.shared is not None else []
-    for key, i, e in sets:
+    for key, i, e in r.entries():
         if not e.positive_prompts:
             raise RecipeError(f"{loaded.where(key, i)}: {key}[{i}] ({e.source_model}) has no positive_prompts; "
                               f"gate_mode {r.gate_mode!r} builds each router row from them",

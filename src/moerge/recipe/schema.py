@@ -25,6 +25,15 @@ DTYPE_ALIASES = {
 }
 
 
+def canonical_dtype(value: str | None) -> str | None:
+    """A recipe's dtype spelling (fp16, bf16, float …) as float32, float16 or bfloat16."""
+    if value is None:
+        return None
+    if value not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {value!r}; use float32, float16 or bfloat16")
+    return DTYPE_ALIASES[value]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -108,11 +117,7 @@ class Recipe(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if value not in DTYPE_ALIASES:
-            raise ValueError(f"unknown dtype {value!r}; use float32, float16 or bfloat16")
-        return DTYPE_ALIASES[value]
+        return canonical_dtype(value)
 
     @model_validator(mode="before")
     @classmethod
